@@ -1,0 +1,707 @@
+"""Qwen2 / Qwen2.5 in one file: loads and saves the official Hugging Face checkpoints.
+
+    import qwen2
+    model = qwen2.from_pretrained("Qwen/Qwen2.5-7B", dtype="bf16", device="cuda")  # hub id or local dir
+    logits = model(input_ids)                                    # (B, S) -> (B, S, vocab)
+    logits = model(input_ids, attn_mask=mask)                    # mask (B|1, 1, S, S), True = may attend
+    new = qwen2.generate(model, [ids_a, ids_b], max_new_tokens=20, eos_token_ids=[151643, 151645])
+    model.save_pretrained("out/")                                # transformers and vLLM load this
+
+The numerics follow transformers' Qwen2 (RMSNorm in fp32, RoPE angles in fp32 with the half-rotation
+layout, q/k/v biases only), and the parameter names are the checkpoint's, so weights load strictly
+with no name mapping. Beside the plain forward, the model exposes the small entry points a training
+method needs: `embed`, `run_layers` (layers [a, b) with an optional mask and optional low-rank fast
+weights on the FFN projections) and `logits` (final norm + lm_head on selected positions only).
+
+This file imports torch, safetensors and huggingface_hub only: no device placement policy,
+distributed or training code, so it can be copied alone into another project.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+
+class CheckpointError(Exception):
+    """A config or checkpoint this file cannot load faithfully. The message is meant for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Qwen2Config:
+    """The fields of a Qwen2 `config.json` that the computation depends on (HF names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None  # None, or {"type": "yarn", "factor": 4.0, ...}
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "float32"  # the checkpoint's own dtype; the default when loading
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (all Qwen2 releases)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # other keys, kept on save
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind == "default":
+                self.rope_scaling = None
+            elif kind != "yarn":
+                problems.append(f"rope_scaling type {kind!r} is not implemented (supported: yarn)")
+            elif "factor" not in self.rope_scaling:
+                problems.append("rope_scaling of type yarn needs a 'factor'")
+        if problems:
+            raise CheckpointError("; ".join(problems))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> Qwen2Config:
+        """Build from a HF config dict; refuse what this implementation would not compute faithfully."""
+        d = dict(d)
+        refuse = []
+        if d.get("model_type", "qwen2") != "qwen2":
+            refuse.append(f"model_type is {d['model_type']!r}, only 'qwen2' (Qwen2 / Qwen2.5) is implemented")
+        if d.get("hidden_act", "silu") != "silu":
+            refuse.append(f"hidden_act {d['hidden_act']!r} is not implemented (Qwen2 uses silu)")
+        if d.get("attention_dropout", 0.0):
+            refuse.append(f"attention_dropout={d['attention_dropout']} is not implemented")
+        layers = d.get("num_hidden_layers", 0)
+        layer_types = d.get("layer_types") or []
+        sliding = any(t != "full_attention" for t in layer_types) or (
+            not layer_types and d.get("use_sliding_window") and d.get("max_window_layers", layers) < layers)
+        if sliding:
+            refuse.append("sliding-window attention is enabled (use_sliding_window / layer_types); "
+                          "only full attention is implemented")
+        # transformers >= 5 writes rope_theta and the scaling into one `rope_parameters` dict.
+        rope = d.pop("rope_parameters", None) or {}
+        if "rope_theta" in rope:
+            d.setdefault("rope_theta", rope["rope_theta"])
+        if d.get("rope_scaling") is None and rope.get("rope_type", rope.get("type", "default")) != "default":
+            d["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if "dtype" in d and "torch_dtype" not in d:  # transformers >= 5 spelling
+            d["torch_dtype"] = d["dtype"]
+        if isinstance(d.get("torch_dtype"), str) and d["torch_dtype"] not in _DTYPES:
+            refuse.append(f"torch_dtype {d['torch_dtype']!r} is not a floating dtype this file knows")
+        names = {f.name for f in cls.__dataclass_fields__.values()} - {"extra"}
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            refuse.append(f"missing required field(s) {', '.join(missing)}")
+        if refuse:
+            raise CheckpointError(f"{source}: " + "; ".join(refuse))
+        d.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kwargs = {k: v for k, v in d.items() if k in names and v is not None}  # null: the default
+        extra = {k: v for k, v in d.items() if k not in names and k != "dtype"}
+        try:
+            return cls(**kwargs, extra=extra)
+        except (CheckpointError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Qwen2Config:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file (a Qwen2 checkpoint directory needs config.json)")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        """The HF `config.json` layout (classic keys, read by transformers 4.x/5.x and vLLM)."""
+        d = {k: v for k, v in self.extra.items()
+             if k not in ("architectures", "model_type", "transformers_version")}
+        d.update({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.torch_dtype,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+        })
+        d.setdefault("initializer_range", 0.02)
+        d.setdefault("use_cache", True)
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            d["head_dim"] = self.head_dim
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(config: Qwen2Config) -> tuple[Tensor, float]:
+    """Inverse frequencies (head_dim/2,) in fp32 and the cos/sin scale (1.0 unless yarn).
+
+    Yarn follows transformers: the low frequencies are interpolated by `factor`, the high ones kept,
+    with a linear ramp between the dimensions that turn beta_slow and beta_fast times over the
+    original context, and cos/sin scaled by 0.1 ln(factor) + 1."""
+    dim, base = config.head_dim, config.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return 1.0 / pos_freqs, 1.0
+    factor = scaling["factor"]
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if mscale and mscale_all:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
+        else:
+            attention_factor = get_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x (B, H, S, hd); cos, sin (B|1, S, hd), already in x's dtype
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class LowRank(NamedTuple):
+    """A fast weight on one projection W (d_out x d_in): W x + scale * B (A x)."""
+
+    A: Tensor  # (r, d_in)
+    B: Tensor  # (d_out, r)
+    scale: float
+
+
+# layer index -> projection name ("gate_proj", "up_proj", "down_proj") -> factors
+FastWeights = dict[int, dict[str, LowRank]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, cast back, then scale: the order transformers uses, so bf16 matches.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Per-layer keys/values (B, kv_heads, T, head_dim) for generation.
+
+    `pos` says where the next `update` writes: an int (prefill chunk starting there, all rows) or a
+    LongTensor (B,) (one decode token per row, rows of different lengths)."""
+
+    def __init__(self, config: Qwen2Config, batch: int, length: int, dtype: torch.dtype, device):
+        shape = (batch, config.num_key_value_heads, length, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.pos: int | Tensor = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        K, V = self.k[layer], self.v[layer]
+        if isinstance(self.pos, int):
+            end = self.pos + k.shape[2]
+            K[:, :, self.pos:end], V[:, :, self.pos:end] = k, v
+        else:
+            rows = torch.arange(K.shape[0], device=K.device)
+            K[rows, :, self.pos], V[rows, :, self.pos] = k[:, :, 0], v[:, :, 0]
+            end = int(self.pos.max()) + 1
+        return K[:, :, :end], V[:, :, :end]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+    """Scaled dot-product attention with grouped KV heads.
+
+    q (B, H, S, hd); k, v (B, KV, T, hd); mask None (causal, S == T), a bool tensor (B|1, 1, S, T)
+    with True = may attend, or a torch causal bias object. -> (B, H, S, hd)"""
+    n_rep = q.shape[1] // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+    if n_rep > 1 and q.shape[2] == 1 and isinstance(mask, Tensor):
+        # One query per row (decoding): fold the query heads of each KV group into the query
+        # axis, so the cache is read once instead of being copied n_rep times.
+        B, H, _, hd = q.shape
+        y = F.scaled_dot_product_attention(q.view(B, k.shape[1], n_rep, hd), k, v, attn_mask=mask)
+        return y.view(B, H, 1, hd)
+    if n_rep > 1:
+        # With an explicit mask, enable_gqa would send CUDA to the O(S^2)-memory math kernel;
+        # repeating K/V keeps the memory-efficient kernel.
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                  config.head_dim)
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, cache: KVCache | None = None):
+        B, S, _ = x.shape  # x (B, S, D)
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = attention(q, k, v, mask)  # (B, H, S, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN with optional low-rank fast weights on each projection."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        D, I = config.hidden_size, config.intermediate_size  # noqa: E741
+        self.gate_proj = nn.Linear(D, I, bias=False)
+        self.up_proj = nn.Linear(D, I, bias=False)
+        self.down_proj = nn.Linear(I, D, bias=False)
+
+    def proj(self, name: str, x: Tensor, fast: dict[str, LowRank] | None) -> Tensor:
+        y = getattr(self, name)(x)
+        if fast is not None and name in fast:
+            A, B, scale = fast[name]
+            y = y + F.linear(F.linear(x, A), B) * scale  # W x + scale * B (A x)
+        return y
+
+    def forward(self, x: Tensor, fast: dict[str, LowRank] | None = None) -> Tensor:
+        h = F.silu(self.proj("gate_proj", x, fast)) * self.proj("up_proj", x, fast)
+        return self.proj("down_proj", h, fast)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, fast=None, cache=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x), fast)
+
+
+class Qwen2Body(nn.Module):
+    """Holds the `model.*` parameters (embed_tokens, layers, norm) under their checkpoint names."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # used by forward(); run_layers takes it as an argument
+        self.generation_config: dict = {}  # generation_config.json, written back by save_pretrained
+        self._rope_cache: dict = {}
+
+    # -- the entry points a training method composes ------------------------------------------
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)  # (B, S) -> (B, S, D)
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (B|1, S, head_dim) for positions (B|1, S); angles in fp32, cast to `dtype`."""
+        key = positions.device
+        if key not in self._rope_cache:  # computed on the CPU like transformers, then moved
+            inv_freq, scale = rope_inv_freq(self.config)
+            self._rope_cache[key] = (inv_freq.to(positions.device), scale)
+        inv_freq, scale = self._rope_cache[key]
+        angles = positions[..., None].float() * inv_freq  # (B|1, S, hd/2)
+        emb = torch.cat((angles, angles), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def run_layers(self, h: Tensor, start: int, end: int, *, mask=None, positions: Tensor | None = None,
+                   fast: FastWeights | None = None, checkpoint: bool = False,
+                   cache: KVCache | None = None) -> Tensor:
+        """Decoder layers [start, end) on hidden states h (B, S, D) -> (B, S, D).
+
+        mask: None for causal attention, or a bool tensor (B|1, 1, S, S), True = may attend (every
+        row must allow at least one key). positions: (B|1, S), default 0..S-1. fast: low-rank fast
+        weights by layer index. checkpoint: recompute each layer in backward (non-reentrant)."""
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)[None]
+        cos, sin = self.rope(positions, h.dtype)
+        for i in range(start, end):
+            layer, f = self.model.layers[i], (fast or {}).get(i)
+            if checkpoint and torch.is_grad_enabled():
+                h = activation_checkpoint(layer, h, cos, sin, mask, f, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, f, cache)
+        return h
+
+    def logits(self, h: Tensor, where: Tensor | None = None) -> Tensor:
+        """Final norm + lm_head. h (B, S, D) -> (B, S, V); with `where` (B, S) bool, only at the
+        selected positions -> (N, V), so a caller pays for vocabulary-wide logits only where needed."""
+        if where is not None:
+            h = h[where]
+        return self.lm_head(self.model.norm(h))
+
+    def forward(self, input_ids: Tensor, attn_mask: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        h = self.embed(input_ids)
+        h = self.run_layers(h, 0, self.config.num_hidden_layers, mask=attn_mask, positions=positions,
+                            checkpoint=self.gradient_checkpointing)
+        return self.logits(h)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 10**9) -> None:
+        save_weights(self.state_dict(), self.config, directory, self.generation_config, max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random init, loading, saving
+
+
+def _checkpoint_keys(config: Qwen2Config, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict as a checkpoint stores it: a tied lm_head is the embedding, not a tensor."""
+    return {k: v for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+
+
+def _assign(model: Qwen2ForCausalLM, tensors: dict[str, Tensor]) -> Qwen2ForCausalLM:
+    """Install tensors into a meta-device model (strict: every parameter, nothing else)."""
+    if model.config.tie_word_embeddings:
+        tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if model.config.tie_word_embeddings:  # assign=True installs two parameters; make them one again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def random_model(config: Qwen2Config, seed: int = 0, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device | None = None, std: float = 0.02) -> Qwen2ForCausalLM:
+    """The one place weights are drawn: N(0, std) matrices, zero biases, unit norms."""
+    dtype = parse_dtype(dtype or config.torch_dtype)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, p in _checkpoint_keys(config, model.state_dict()).items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(p.shape)
+        elif name.endswith(".bias"):
+            t = torch.zeros(p.shape)
+        else:
+            t = torch.randn(p.shape, generator=g) * std
+        tensors[name] = t.to(device=device, dtype=dtype)
+    return _assign(model, tensors)
+
+
+_HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja"]
+
+
+def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory: the path itself, or a hub snapshot (config, weights, tokenizer).
+
+    A hub id ("org/name") is downloaded with huggingface_hub into its cache; with HF_HUB_OFFLINE=1
+    the cached snapshot is used."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; expected a checkpoint directory or a hub id")
+    text = str(path_or_hub_id)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"{text}: no such directory (and not a hub id of the form org/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+    except Exception as e:  # network, auth, missing repo, offline without a cache: all one message
+        offline = " (HF_HUB_OFFLINE is set: the model must already be in the cache)" if os.environ.get(
+            "HF_HUB_OFFLINE") else ""
+        raise CheckpointError(f"{text}: not a local directory, and the hub download failed{offline}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index}: lists shard(s) that are not there: {', '.join(absent)}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    hint = " (PyTorch .bin checkpoints are not supported: convert to safetensors)" if any(
+        directory.glob("*.bin")) else ""
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _listing(kind: str, names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return f"{len(names)} {kind}: {shown}"
+
+
+def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> Qwen2ForCausalLM:
+    """Load a Qwen2 checkpoint (local directory or hub id) in `dtype` (default: the checkpoint's own)
+    on `device` (default: cpu). Builds on the meta device and moves tensor by tensor, so peak host
+    memory stays near one copy of the model."""
+    from safetensors import safe_open
+
+    directory = checkpoint_dir(path_or_hub_id)
+    config = Qwen2Config.from_json(directory / "config.json")
+    dtype = parse_dtype(dtype or config.torch_dtype)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in _checkpoint_keys(config, model.state_dict()).items()}
+    tensors, unexpected, misshaped = {}, [], []
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # some tied checkpoints store the (identical) head too
+                    if key not in expected:
+                        unexpected.append(key)
+                        continue
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        misshaped.append(f"{key} {list(shape)} (expected {list(expected[key])})")
+                        continue
+                    tensors[key] = f.get_tensor(key).to(dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a truncated or corrupt file
+            raise CheckpointError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    missing = sorted(set(expected) - set(tensors) - {m.split()[0] for m in misshaped})
+    problems = [_listing(kind, names) for kind, names in
+                (("missing tensor(s)", missing), ("unexpected tensor(s)", sorted(unexpected)),
+                 ("mis-shaped tensor(s)", misshaped)) if names]
+    if problems:
+        raise CheckpointError(f"{directory}: the weights do not match config.json: " + "; ".join(problems))
+    model = _assign(model, tensors)
+    gen = directory / "generation_config.json"
+    if gen.is_file():
+        try:
+            model.generation_config = json.loads(gen.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{gen}: not valid JSON ({e})") from None
+    return model
+
+
+def save_weights(state: dict[str, Tensor], config: Qwen2Config, directory: str | os.PathLike,
+                 generation_config: dict | None = None, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write config.json, generation_config.json and safetensors in the HF layout.
+
+    Above `max_shard_bytes` the weights are split into model-0000i-of-0000n.safetensors shards with
+    a model.safetensors.index.json. Weight files of an earlier save in the directory are removed."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = _checkpoint_keys(config, state)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for old in [*directory.glob("model*.safetensors"), directory / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards, strict=True):
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, str(directory / name),
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = dtype_name(next(iter(state.values())).dtype)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           **(generation_config or {})}
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate(model: Qwen2ForCausalLM, prompts: list[list[int]], max_new_tokens: int,
+             eos_token_ids: list[int] | int | None = None,
+             prefill_chunk: int | None = None) -> list[list[int]]:
+    """Greedy decoding with a KV cache for a batch of prompts of different lengths.
+
+    Returns each row's new tokens (prompt excluded), ending with the first EOS id generated, or after
+    max_new_tokens. Prompts are right-padded: causal attention alone is then exact for every real
+    token, so prefill needs no S x S mask; `prefill_chunk` bounds its activation memory further."""
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=model.device)
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device, B, L = model.device, len(prompts), model.config.num_hidden_layers
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    S = int(lengths.max())
+    ids = torch.zeros(B, S, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    cache = KVCache(model.config, B, S + max_new_tokens, model.dtype, device)
+
+    chunk = prefill_chunk or S
+    last = torch.zeros(B, model.config.hidden_size, dtype=model.dtype, device=device)
+    for s in range(0, S, chunk):
+        e = min(s + chunk, S)
+        cache.pos = s
+        # Chunk queries s..e-1 see keys 0..e-1: causal, aligned at the bottom right.
+        mask = None if s == 0 else torch.ones(e - s, e, dtype=torch.bool, device=device).tril(s)
+        h = model.run_layers(model.embed(ids[:, s:e]), 0, L, mask=mask,
+                             positions=torch.arange(s, e, device=device)[None], cache=cache)
+        in_chunk = (lengths - 1 >= s) & (lengths - 1 < e)  # rows whose last prompt token is here
+        idx = (lengths - 1 - s).clamp(0, e - s - 1)
+        last = torch.where(in_chunk[:, None], h[torch.arange(B, device=device), idx], last)
+    token = model.logits(last).argmax(-1)  # (B,)
+
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_out = torch.zeros(B, dtype=torch.long, device=device)
+    pos = lengths.clone()  # where each row's next token goes
+    for t in range(max_new_tokens):
+        out[:, t] = token
+        n_out += ~done
+        done |= torch.isin(token, eos)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        cache.pos = pos
+        T = int(pos.max()) + 1
+        mask = (torch.arange(T, device=device)[None] <= pos[:, None])[:, None, None]  # (B, 1, 1, T)
+        h = model.run_layers(model.embed(token[:, None]), 0, L, mask=mask, positions=pos[:, None],
+                             cache=cache)
+        token = model.logits(h[:, -1]).argmax(-1)
+        pos = pos + 1
+    return [out[b, :n].tolist() for b, n in enumerate(n_out.tolist())]

@@ -1,0 +1,71 @@
+"""Shared test helpers: tiny random Qwen2 checkpoints built in the HF format by transformers itself."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def real_tokenizer_dir() -> Path | None:
+    """The real Qwen2.5 tokenizer and chat template ($QWEN_TOKENIZER_DIR, else ../shared beside the repo)."""
+    path = Path(os.environ.get("QWEN_TOKENIZER_DIR") or ROOT.parent / "shared" / "qwen2.5-tokenizer")
+    return path if (path / "tokenizer.json").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    path = real_tokenizer_dir()
+    if path is None:
+        pytest.skip("the real Qwen2.5 tokenizer is absent: set QWEN_TOKENIZER_DIR (.ci/run does)")
+    return path
+
+
+def hf_config(tied: bool = False, **overrides):
+    """A tiny transformers Qwen2Config: 3 layers, 4 query heads over 2 KV heads (GQA)."""
+    from transformers import Qwen2Config
+
+    kw = dict(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1,
+              eos_token_id=2)
+    kw.update(overrides)
+    return Qwen2Config(**kw)
+
+
+def hf_model(config, seed: int = 0):
+    """A transformers Qwen2ForCausalLM with every tensor random, including the q/k/v biases and norm
+    weights (which a default init leaves at 0 / 1, where a bug in their use would go unseen)."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def save_hf(tmp_path: Path, tied: bool = False, seed: int = 0, **overrides):
+    """Save a random tiny HF checkpoint with transformers; return (directory, the HF model)."""
+    model = hf_model(hf_config(tied, **overrides), seed)
+    directory = tmp_path / f"hf-{'tied' if tied else 'untied'}-{seed}"
+    model.save_pretrained(directory)
+    return directory, model
+
+
+def report(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Print and return the max abs difference (the mean too), so `pytest -s` shows the parity figures."""
+    diff = (a.double() - b.double()).abs()
+    print(f"[parity] {name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}")
+    return diff.max().item()
