@@ -69,3 +69,28 @@ def report(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
     diff = (a.double() - b.double()).abs()
     print(f"[parity] {name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}")
     return diff.max().item()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny training setup with no download: synthetic agentic data, a small byte-level BPE
+    tokenizer trained on it (Qwen's special tokens), and a random 4-layer Qwen2 checkpoint with the
+    tokenizer files beside it. Returns a namespace: model (dir), data (jsonl), tokenizer, root."""
+    import json
+    from types import SimpleNamespace
+
+    import data
+    import qwen2
+
+    root = tmp_path_factory.mktemp("tiny")
+    data.write_synthetic(root / "train.jsonl", n_samples=12, n_tokens=400, seed=0)
+    records = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    tokenizer = data.train_tokenizer([data.render_chat(r["messages"], r.get("tools")) for r in records],
+                                     vocab_size=500)
+    config = qwen2.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=4096, tie_word_embeddings=True,
+                               eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
+    qwen2.random_model(config, seed=0).save_pretrained(root / "model")
+    data.save_tokenizer_files(tokenizer, root / "model")
+    return SimpleNamespace(root=root, model=root / "model", data=root / "train.jsonl", tokenizer=tokenizer)
