@@ -22,7 +22,9 @@ import datetime
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -99,11 +101,11 @@ def targets_of(input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor) -> 
 
 
 def response_loss(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastWeights | None,
-                  where: Tensor, labels: Tensor, checkpoint: bool = False) -> Tensor:
+                  where: Tensor, labels: Tensor, checkpoint: bool = False, ffn_first: bool = False) -> Tensor:
     """L(theta, phi): layers start..L-1 on h (B, S, D), then the mean next-token cross-entropy over
     the micro-batch's response tokens (eq. 4 and 6)."""
     h = model.run_layers(h, start, model.config.num_hidden_layers, mask=mask, fast=fast,
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, ffn_first=ffn_first)
     logits = model.logits(h[:, :-1], where)  # (N, V): only where a response token comes next
     return F.cross_entropy(logits.float(), labels)
 
@@ -120,12 +122,14 @@ def inner_loop(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastW
 
     h is the detached output of the layers below `start`, so each step runs the top layers only,
     and autograd is asked for the fast weights' gradients alone (none for theta)."""
+    with torch.no_grad():  # the first adapted layer's attention does not depend on phi either
+        h = model.run_attention(h, start, mask=mask)
     losses = []
     for _ in range(steps):
         fast = {i: {n: LowRank(A.detach().requires_grad_(), B.detach().requires_grad_(), s)
                     for n, (A, B, s) in per.items()} for i, per in fast.items()}
         params = [t for per in fast.values() for lr_ in per.values() for t in (lr_.A, lr_.B)]
-        loss = response_loss(model, h, start, mask, fast, where, labels, checkpoint)
+        loss = response_loss(model, h, start, mask, fast, where, labels, checkpoint, ffn_first=True)
         grads = iter(torch.autograd.grad(loss, params))
         with torch.no_grad():
             fast = {i: {n: LowRank(A - lr * clip_per_tensor(next(grads), clip),
@@ -148,7 +152,12 @@ def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, 
                  alpha: float = 64.0, layer_fraction: float = 0.35, targets=TARGETS, causal: bool = False,
                  init_A: dict | None = None, generator: torch.Generator | None = None,
                  checkpoint: bool = False, inner_checkpoint: bool = False) -> StepOutput:
-    """One micro-batch of FocuSFT, fast path. inputs (B, S); inner_steps=0 is plain SFT."""
+    """One micro-batch of FocuSFT, fast path. inputs (B, S); inner_steps=0 is plain SFT.
+
+    Activation checkpointing: `checkpoint` recomputes the lower layers (all layers for plain SFT),
+    whose activations would otherwise be held through the whole inner loop. The top layers are
+    recomputed only with `inner_checkpoint`: each inner step already holds their activations, so
+    keeping them in the outer pass too costs no extra peak memory and saves their recomputation."""
     # Right padding: causal attention alone is exact for every real token, and lets SDPA take its
     # fused causal kernel; the hybrid mask is explicit.
     mask = None if causal else hybrid_mask(loss_mask, attention_mask)
@@ -161,7 +170,8 @@ def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, 
         fast = init_fast_weights(model, range(start, L), targets, rank, alpha, generator, init_A)
         fast, inner = inner_loop(model, h.detach(), start, mask, fast, where, labels, inner_steps, inner_lr,
                                  inner_clip, inner_checkpoint)
-    loss = response_loss(model, h, start, mask, fast, where, labels, checkpoint)  # phi_K constant
+    top_checkpoint = inner_checkpoint if inner_steps > 0 else checkpoint
+    loss = response_loss(model, h, start, mask, fast, where, labels, top_checkpoint)  # phi_K constant
     return StepOutput(loss, [x.item() for x in inner], fast, int(labels.numel()))
 
 
@@ -380,19 +390,146 @@ def replicas_agree(model: nn.Module, run: Run) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def barrier(run: Run) -> None:
+    if run.world > 1:
+        dist.barrier()
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a completely written directory into place. A kill at any point leaves either the old or
+    the new directory complete under `final` (or, between the two renames, the old one at .old)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(model: Qwen2ForCausalLM, directory: Path, tokenizer_dir: Path, eos_ids: list[int]) -> None:
     """An HF checkpoint (weights, config, generation config with the chat EOS ids, tokenizer files),
-    loadable by transformers and vLLM. Fast weights are never part of the model, so never saved."""
+    loadable by transformers and vLLM, written to a temporary directory and renamed into place.
+    Fast weights are never part of the model, so never saved."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.generation_config = {**model.generation_config, "eos_token_id": eos_ids}
-    model.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json"):
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, tmp / name)
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    try:
+        qwen2.save_weights(model.state_dict(), model.config, tmp,
+                           {**model.generation_config, "eos_token_id": eos_ids})
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json"):
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints (for resuming; exports above are for use)
+
+# The flags that shape the trajectory: a resumed run must use the same ones to continue it exactly.
+TRAJECTORY = ("model", "data", "max_len", "skip_bad_samples", "inner_steps", "inner_lr", "inner_clip", "rank",
+              "alpha", "layer_fraction", "targets", "no_bilevel", "causal", "epochs", "max_steps", "lr",
+              "weight_decay", "warmup_ratio", "grad_clip", "micro_batch", "grad_accum", "loss_norm", "seed",
+              "dtype")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete training checkpoints, oldest first (a .tmp directory is an interrupted save)."""
+    found = [p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_training_checkpoint(out: Path, step: int, model: nn.Module, optimizer, state: dict, args,
+                             run: Run) -> Path | None:
+    """Weights (an HF checkpoint itself), optimizer, trainer state and every rank's RNG states, in a
+    temporary directory renamed into place when complete. Keeps the newest --keep. On an OS error
+    (disk full, permissions) every rank returns None and the previous checkpoint stays."""
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    failed = 0.0
+    if run.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            print(f"focusft.py: warning: cannot write a checkpoint in {tmp.parent}: {e}", file=sys.stderr)
+            failed = 1.0
+    barrier(run)
+    if not all_reduce_sum([failed], run)[0]:
+        try:
+            rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            torch.save(rng, tmp / f"rng-rank{run.rank}.pt")
+            if run.main:
+                qwen2.save_weights(model.state_dict(), model.config, tmp)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                trainer = {"step": step, "world_size": run.world, "args": vars(args), **state}
+                (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+        except OSError as e:
+            print(f"focusft.py: warning: saving the checkpoint {tmp} failed on rank {run.rank}: {e}; "
+                  f"the previous checkpoint is kept", file=sys.stderr)
+            failed = 1.0
+    failed = all_reduce_sum([failed], run)[0]
+    if run.main:
+        if failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            replace_dir(tmp, final)
+            for old in checkpoints(out)[:-args.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(run)
+    return None if failed else final
+
+
+def restore_rng(ckpt: Path, run: Run) -> None:
+    rng = torch.load(ckpt / f"rng-rank{run.rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def resume_point(out: Path, args, run: Run) -> tuple[Path | None, dict]:
+    """The newest training checkpoint in --out and its trainer state, after checking that it
+    continues this very run (same trajectory flags, same number of processes)."""
+    found = checkpoints(out) if out.is_dir() else []
+    if not found:
+        if args.resume:
+            fail(f"--resume: no training checkpoint in {out / 'checkpoints'}")
+        return None, {}
+    ckpt = found[-1]
+    try:
+        trainer = json.loads((ckpt / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"{ckpt / 'trainer.json'}: unreadable training checkpoint ({e}); remove {ckpt} to resume "
+             f"from the one before")
+    saved, now = trainer["args"], vars(args)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now.get(k)!r})" for k in TRAJECTORY
+              if saved.get(k) != now.get(k)]
+    if differ:
+        fail(f"--out {out} holds a run with other settings: {'; '.join(differ)}. Resume with the same flags, "
+             f"or choose a new --out")
+    if trainer["world_size"] != run.world:
+        fail(f"{ckpt} was written by {trainer['world_size']} process(es); resume it with the same number "
+             f"(now {run.world})")
+    return ckpt, trainer
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its optimizer step, checkpoints and exits 0.
+    A second SIGINT stops at once (the last checkpoint stays)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -439,13 +576,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="weights and optimizer states (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
-                   help="activation checkpointing of decoder layers in the outer pass")
+                   help="activation checkpointing of the decoder layers below the fast weights (all "
+                        "layers with --no-bilevel)")
     g.add_argument("--inner-ckpt", action="store_true",
-                   help="activation checkpointing in the inner loop too (less memory, ~10%% slower)")
+                   help="activation checkpointing of the layers with fast weights too, in both loops "
+                        "(less memory, slower)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train")
     g = p.add_argument_group("output")
     g.add_argument("--save-every", type=int, default=0,
-                   help="also export a checkpoint every N steps (0: off)")
+                   help="also export an HF checkpoint (step-N/) every N steps (0: off)")
+    g.add_argument("--ckpt-every", type=int, default=100,
+                   help="write a training checkpoint (for resuming) every N steps (0: only on a signal)")
+    g.add_argument("--keep", type=int, default=2, help="training checkpoints to keep (the newest)")
+    g.add_argument("--resume", action="store_true",
+                   help="require resuming from the newest training checkpoint in --out (a run resumes "
+                        "automatically anyway when --out holds one)")
+    g.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many consecutive optimizer steps with a non-finite loss or gradient")
     g.add_argument("--attn-every", type=int, default=0,
                    help="attention diagnostics every N steps (always at the start and the end; 0: only then)")
     args = p.parse_args(argv)
@@ -468,6 +615,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.max_len < 2, "--max-len must be >= 2"),
         (args.save_every < 0, "--save-every must be >= 0"),
         (args.attn_every < 0, "--attn-every must be >= 0"),
+        (args.ckpt_every < 0, "--ckpt-every must be >= 0"),
+        (args.keep < 1, "--keep must be >= 1"),
+        (args.max_bad_steps < 0, "--max-bad-steps must be >= 0"),
     ]
     for failed, message in checks:
         if failed:
@@ -475,46 +625,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+
+
 def fail(message: str) -> None:
-    """One clear line (or the data problem list), exit status 1, no traceback."""
+    """One clear message (a line, or the data problem list), exit status 1, no traceback."""
     print(f"focusft.py: error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows if up_to is None else [r for r in rows if r["step"] <= up_to]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     run = setup_distributed(args.device)
+    try:
+        train(args, run)
+    finally:
+        if run.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, run: Run) -> None:
     args.dtype = args.dtype or ("bf16" if run.device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
     method = method_kwargs(args)
-    name = "sft" if method["inner_steps"] == 0 else "focusft"
-    name += "-causal" if args.causal else ""
-
-    # -- model, tokenizer, data (everything validated before the first step) ------------------
-    try:
-        model_dir = qwen2.checkpoint_dir(args.model)
-        tokenizer = data.load_tokenizer(model_dir)
-        samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
-        model = qwen2.from_pretrained(model_dir, dtype=dtype, device=run.device)
-    except (qwen2.CheckpointError, data.DataError) as e:
-        fail(str(e))
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        fail(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
-             f"embedding only {model.config.vocab_size} rows")
-    if method["inner_steps"] > 0 and len(adapted_layers(model.config.num_hidden_layers,
-                                                         args.layer_fraction)) == 0:
-        fail(f"--layer-fraction {args.layer_fraction} adapts no layer of a "
-             f"{model.config.num_hidden_layers}-layer model")
-    pad_id = data.special_token_id(tokenizer, "<|endoftext|>")
-    eos_ids = sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, "<|im_end|>")})
+    name = ("sft" if method["inner_steps"] == 0 else "focusft") + ("-causal" if args.causal else "")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(broadcast_str(args.out or f"runs/{Path(str(args.model)).name}-{name}-{stamp}", run))
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: exists and is not a directory")
+    ckpt, trainer_state = resume_point(out, args, run)
+
+    # -- model, tokenizer, data: all validated before the output directory is touched ---------
+    try:
+        model_dir = qwen2.checkpoint_dir(args.model)
+        tokenizer = data.load_tokenizer(model_dir)
+        samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
+        model = qwen2.from_pretrained(ckpt or model_dir, dtype=dtype, device=run.device)
+    except (qwen2.CheckpointError, data.DataError) as e:
+        fail(str(e))
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        fail(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's embedding "
+             f"only {model.config.vocab_size} rows")
+    if method["inner_steps"] > 0 and not adapted_layers(model.config.num_hidden_layers, args.layer_fraction):
+        fail(f"--layer-fraction {args.layer_fraction} adapts no layer of a {model.config.num_hidden_layers}-layer "
+             f"model")
+    pad_id = data.special_token_id(tokenizer, "<|endoftext|>")
+    eos_ids = sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, "<|im_end|>")})
+    try:
+        if run.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": run.world}, indent=2) + "\n")
+            # A resumed run rewrites the metrics the interrupted one logged after its checkpoint.
+            rows = read_metrics(out / "metrics.jsonl", up_to=trainer_state.get("step", 0) if ckpt else -1)
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e.strerror or e})")
     if run.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**vars(args), "world_size": run.world}, indent=2) + "\n")
         print(stats.summary())
 
     # -- optimizer, schedule, DDP ------------------------------------------------------------------
@@ -524,113 +698,163 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=run.device.type == "cuda")
+    done = read_metrics(out / "metrics.jsonl")
+    if (out / "final").is_dir() and done and done[-1]["step"] >= total_steps:
+        if run.main:
+            print(f"{out} already holds this run, finished ({out / 'final'}): nothing to do")
+        return
+    step, bad_total, bad_run = 0, 0, 0
+    if ckpt:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=run.device, weights_only=True))
+        restore_rng(ckpt, run)
+        step, bad_total, bad_run = trainer_state["step"], trainer_state["bad_steps"], trainer_state["bad_run"]
     objective = Objective(model, method)
     if run.world > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[run.device] if run.device.type == "cuda" else None)
     if run.main:
         top = adapted_layers(model.config.num_hidden_layers, args.layer_fraction)
-        inner = (f"fast weights on layers {top.start}..{top.stop - 1}" if method["inner_steps"]
-                 else "no inner loop")
-        print(f"{name}: {run.world} process(es), {args.micro_batch} x {args.grad_accum} x {run.world} "
-              f"samples per step, {steps_per_epoch} steps per epoch, {total_steps} steps, {dtype}, "
-              f"{inner}; output {out}")
-    metrics = open(out / "metrics.jsonl", "a") if run.main else None  # noqa: SIM115
+        inner = f"fast weights on layers {top.start}..{top.stop - 1}" if method["inner_steps"] else "no inner loop"
+        print(f"{name}: {run.world} process(es), {args.micro_batch} x {args.grad_accum} x {run.world} samples "
+              f"per step, {steps_per_epoch} steps per epoch, {total_steps} steps, {dtype}, {inner}; output {out}"
+              + (f"\nresuming from {ckpt} (step {step})" if ckpt else ""))
 
-    def diagnose(batch: dict, fast: FastWeights | None, step: int) -> dict:
+    def diagnose(batch: dict, fast: FastWeights | None, at: int) -> dict:
         mask = None if args.causal else hybrid_mask(batch["loss_mask"], batch["attention_mask"])
-        base = attention_diagnostics(model, batch["input_ids"], batch["loss_mask"], batch["attention_mask"],
-                                     mask)
-        row = {"step": step, "attn_base": base}
+        inputs = (batch["input_ids"], batch["loss_mask"], batch["attention_mask"], mask)
+        row = {"step": at, "attn_base": attention_diagnostics(model, *inputs)}
         if fast is not None:
-            row["attn_fast"] = attention_diagnostics(model, batch["input_ids"], batch["loss_mask"],
-                                                     batch["attention_mask"], mask, fast)
+            row["attn_fast"] = attention_diagnostics(model, *inputs, fast)
         return row
 
+    def log(row: dict) -> None:
+        if run.main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def checkpoint(at: int) -> Path | None:
+        return save_training_checkpoint(out, at, model, optimizer, {"bad_steps": bad_total, "bad_run": bad_run},
+                                        args, run)
+
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, disable=not run.main, dynamic_ncols=True, desc=name)
-    step, diag_rows, last_batch = 0, [], None
-    for epoch in range(args.epochs):
+    stop = StopRequest()
+    bar = tqdm(total=total_steps, initial=step, disable=not run.main, dynamic_ncols=True, desc=name)
+    last_batch = None
+    while step < total_steps:
+        # The position of `step` in the data: epoch, then the first micro-batch of this step.
+        epoch, first = step // steps_per_epoch, (step % steps_per_epoch) * args.grad_accum
+        if epoch >= args.epochs:
+            break
         micro = data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, epoch)
-        for first in range(0, len(micro), args.grad_accum):
-            if step >= total_steps:
-                break
-            t0 = time.perf_counter()
-            group = micro[first:first + args.grad_accum]
-            batches = [data.collate([samples[i] for i in mb] or [samples[0]], pad_id) for mb in group]
-            n_targets = [int(targets_of(b["input_ids"], b["loss_mask"], b["attention_mask"])[1].numel())
-                         if mb else 0 for b, mb in zip(batches, group, strict=True)]
-            # Every rank needs the step's totals before its backward passes, to weigh its micro-batches.
-            real_mb, real_targets = all_reduce_sum([sum(1 for mb in group if mb), sum(n_targets)], run)
-            sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, inner first, inner last, tokens
-            for j, (mb, batch) in enumerate(zip(group, batches, strict=True)):
-                batch = {k: v.to(run.device) for k, v in batch.items()}
-                if isinstance(objective, nn.parallel.DistributedDataParallel):
-                    objective.require_backward_grad_sync = j == len(group) - 1
-                gen = fast_weight_generator(args.seed, epoch, (first + j) * run.world + run.rank)
-                res = objective(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], gen)
-                # DDP averages gradients over ranks, hence the factor world.
-                if not mb:
-                    weight = 0.0  # an empty slot at the end of an epoch: runs for DDP, counts for nothing
-                elif args.loss_norm == "token":
-                    weight = run.world * n_targets[j] / real_targets
-                else:
-                    weight = run.world / real_mb
-                (res.loss * weight).backward()
-                if mb:
-                    sums[0] += res.loss.item()
-                    sums[1] += res.inner_losses[0] if res.inner_losses else 0.0
-                    sums[2] += res.inner_losses[-1] if res.inner_losses else 0.0
-                    sums[3] += int(batch["attention_mask"].sum())
-                if run.main and not diag_rows and mb:  # the start of training, before any update
-                    t_diag = time.perf_counter()
-                    diag_rows.append(diagnose(batch, res.fast, 0))
-                    t0 += time.perf_counter() - t_diag  # not part of the step time
-                last_batch = (batch, res.fast) if mb else last_batch
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                         if args.grad_clip > 0 else torch.nn.utils.get_total_norm(
-                             [p.grad for p in model.parameters() if p.grad is not None]))
-            lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
+        group = micro[first:first + args.grad_accum]
+        t0 = time.perf_counter()
+        batches = [data.collate([samples[i] for i in mb] or [samples[0]], pad_id) for mb in group]
+        n_targets = [int(targets_of(b["input_ids"], b["loss_mask"], b["attention_mask"])[1].numel()) if mb else 0
+                     for b, mb in zip(batches, group, strict=True)]
+        # Every rank needs the step's totals before its backward passes, to weigh its micro-batches.
+        real_mb, real_targets = all_reduce_sum([sum(1 for mb in group if mb), sum(n_targets)], run)
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss, first inner loss, last inner loss, tokens
+        for j, (mb, batch) in enumerate(zip(group, batches, strict=True)):
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            if isinstance(objective, nn.parallel.DistributedDataParallel):
+                objective.require_backward_grad_sync = j == len(group) - 1
+            gen = fast_weight_generator(args.seed, epoch, (first + j) * run.world + run.rank)
+            res = objective(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], gen)
+            # DDP averages gradients over ranks, hence the factor world. An empty slot at the end of
+            # an epoch (fewer micro-batches than ranks) runs for DDP's sake and counts for nothing.
+            if not mb:
+                weight = 0.0
+            elif args.loss_norm == "token":
+                weight = run.world * n_targets[j] / real_targets
+            else:
+                weight = run.world / real_mb
+            (res.loss * weight).backward()
+            if mb:
+                inner = res.inner_losses or [0.0]
+                sums = [sums[0] + res.loss.item(), sums[1] + inner[0], sums[2] + inner[-1],
+                        sums[3] + int(batch["attention_mask"].sum())]
+                last_batch = (batch, res.fast)
+            if run.main and step == 0 and j == 0:  # the start of training, before any update
+                t_diag = time.perf_counter()
+                log(diagnose(batch, res.fast, 0))
+                t0 += time.perf_counter() - t_diag  # not part of the step time
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip > 0
+                          else torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        # One all-reduce carries the metrics and any stop request, so all ranks decide alike.
+        loss, in_first, in_last, tokens, stopping = all_reduce_sum([*sums, float(stop.signal is not None)], run)
+        lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
             for group_ in optimizer.param_groups:
                 group_["lr"] = lr
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss, in_first, in_last, tokens = all_reduce_sum(sums, run)
-            dt = time.perf_counter() - t0
-            row = {"step": step, "epoch": epoch, "loss": loss / real_mb, "lr": lr,
-                   "grad_norm": float(grad_norm), "tokens": int(tokens), "tokens_per_s": tokens / dt,
-                   "step_s": dt, "response_tokens": int(real_targets)}
-            if method["inner_steps"]:
-                row.update(inner_first=in_first / real_mb, inner_last=in_last / real_mb)
-            if run.main and (step == total_steps or (args.attn_every and step % args.attn_every == 0)):
-                d = diagnose(*last_batch, step)
-                diag_rows.append(d)
-                row.update({k: v for k, v in d.items() if k != "step"})
+            bad_run = 0
+        else:  # skipped on every rank alike: the loss sum and the synced gradient norm are the same
+            bad_total, bad_run = bad_total + 1, bad_run + 1
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        row = {"step": step, "epoch": epoch, "loss": loss / real_mb, "lr": lr, "grad_norm": grad_norm,
+               "tokens": int(tokens), "tokens_per_s": tokens / dt, "step_s": dt, "response_tokens": int(real_targets)}
+        if method["inner_steps"]:
+            row.update(inner_first=in_first / real_mb, inner_last=in_last / real_mb)
+        if not finite:
+            sources = [samples[i].source for mb in group for i in mb]
+            every = [None] * run.world
+            if run.world > 1:
+                dist.all_gather_object(every, sources)
+            else:
+                every = [sources]
+            row.update(skipped="non-finite loss or gradient norm", bad_steps=bad_total,
+                       samples=[s for part in every for s in part])
             if run.main:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                inner = (f" inner {row['inner_first']:.3f}->{row['inner_last']:.3f}"
-                         if method["inner_steps"] else "")
-                bar.set_postfix_str(f"loss {row['loss']:.4f}{inner} lr {lr:.2e} "
-                                    f"{row['tokens_per_s']:.0f} tok/s")
-                bar.update(1)
-                if args.save_every and step % args.save_every == 0 and step < total_steps:
-                    export(model, out / f"step-{step}", model_dir, eos_ids)
-        if step >= total_steps:
-            break
+                tqdm.write(f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
+                           f"({bad_run} in a row); samples: {', '.join(row['samples'])}")
+        if run.main and finite and (step == total_steps or (args.attn_every and step % args.attn_every == 0)):
+            row.update({k: v for k, v in diagnose(*last_batch, step).items() if k != "step"})
+        log(row)
+        if run.main:
+            inner = f" inner {row['inner_first']:.3f}->{row['inner_last']:.3f}" if method["inner_steps"] else ""
+            bar.set_postfix_str(f"loss {row['loss']:.4f}{inner} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
+            bar.update(1)
+        if bad_run > args.max_bad_steps:
+            checkpoint(step)
+            fail(f"{bad_run} optimizer steps in a row had a non-finite loss or gradient norm (--max-bad-steps "
+                 f"{args.max_bad_steps}); the last good weights are in {out / 'checkpoints'}. Lower --lr or check "
+                 f"the samples logged in {out / 'metrics.jsonl'}")
+        if stopping:
+            saved = checkpoint(step)
+            if run.main:
+                bar.close()
+                how = (f"resume with the same command (with --out {out})" if saved else
+                       "the checkpoint could not be written")
+                print(f"stopped by a signal after step {step}: {how}")
+            return
+        if args.ckpt_every and step % args.ckpt_every == 0 and step < total_steps:
+            checkpoint(step)
+        if run.main and args.save_every and step % args.save_every == 0 and step < total_steps:
+            try:
+                export(model, out / f"step-{step}", model_dir, eos_ids)
+            except OSError as e:
+                tqdm.write(f"focusft.py: warning: export {out / f'step-{step}'} failed ({e}); training goes on")
     bar.close()
     if run.world > 1 and not replicas_agree(model, run):
         fail("the ranks' weights differ after training (DDP desynchronised); the export would be wrong")
+    error = None
     if run.main:
-        export(model, out / "final", model_dir, eos_ids)
-        metrics.close()
-        print(diagnostics_table(diag_rows))
-        print(f"done: {step} steps on {run.world} process(es), weights identical on every rank; "
-              f"checkpoint {out / 'final'}, metrics {out / 'metrics.jsonl'}")
-    if run.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        try:
+            export(model, out / "final", model_dir, eos_ids)
+        except OSError as e:
+            error = f"writing {out / 'final'} failed ({e.strerror or e})"
+    if broadcast_str(error or "", run):  # never lose the trained weights: keep them as a checkpoint
+        saved = checkpoint(step)
+        fail(f"{error}; " + (f"the trained weights are in {saved}" if saved else "no checkpoint could be written"))
+    if run.main:
+        print(diagnostics_table([r for r in read_metrics(out / "metrics.jsonl") if "attn_base" in r]))
+        print(f"done: {step} steps on {run.world} process(es), weights identical on every rank"
+              f"{f', {bad_total} skipped non-finite step(s)' if bad_total else ''}; checkpoint {out / 'final'}, "
+              f"metrics {out / 'metrics.jsonl'}")
+    barrier(run)
 
 
 def diagnostics_table(rows: list[dict]) -> str:

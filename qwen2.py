@@ -378,9 +378,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, fast=None, cache=None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def attention_block(self, x, cos, sin, mask=None, cache=None) -> Tensor:
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+
+    def ffn_block(self, x, fast=None) -> Tensor:
         return x + self.mlp(self.post_attention_layernorm(x), fast)
+
+    def forward(self, x, cos, sin, mask=None, fast=None, cache=None) -> Tensor:
+        return self.ffn_block(self.attention_block(x, cos, sin, mask, cache), fast)
 
 
 class Qwen2Body(nn.Module):
@@ -422,23 +427,32 @@ class Qwen2ForCausalLM(nn.Module):
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def run_layers(self, h: Tensor, start: int, end: int, *, mask=None, positions: Tensor | None = None,
-                   fast: FastWeights | None = None, checkpoint: bool = False,
-                   cache: KVCache | None = None) -> Tensor:
+                   fast: FastWeights | None = None, checkpoint: bool = False, cache: KVCache | None = None,
+                   ffn_first: bool = False) -> Tensor:
         """Decoder layers [start, end) on hidden states h (B, S, D) -> (B, S, D).
 
         mask: None for causal attention, or a bool tensor (B|1, 1, S, S), True = may attend (every
         row must allow at least one key). positions: (B|1, S), default 0..S-1. fast: low-rank fast
-        weights by layer index. checkpoint: recompute each layer in backward (non-reentrant)."""
+        weights by layer index. checkpoint: recompute each layer in backward (non-reentrant).
+        ffn_first: h is already past layer `start`'s attention half (see `run_attention`)."""
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)[None]
         cos, sin = self.rope(positions, h.dtype)
         for i in range(start, end):
             layer, f = self.model.layers[i], (fast or {}).get(i)
+            block, args = (layer.ffn_block, (h, f)) if ffn_first and i == start else (layer, (h, cos, sin, mask, f))
             if checkpoint and torch.is_grad_enabled():
-                h = activation_checkpoint(layer, h, cos, sin, mask, f, use_reentrant=False)
+                h = activation_checkpoint(block, *args, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, f, cache)
+                h = block(*args) if block is not layer else layer(*args, cache)
         return h
+
+    def run_attention(self, h: Tensor, layer: int, *, mask=None, positions: Tensor | None = None) -> Tensor:
+        """The attention half of one layer, residual included: what that layer's FFN sees."""
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)[None]
+        cos, sin = self.rope(positions, h.dtype)
+        return self.model.layers[layer].attention_block(h, cos, sin, mask)
 
     def logits(self, h: Tensor, where: Tensor | None = None) -> Tensor:
         """Final norm + lm_head. h (B, S, D) -> (B, S, V); with `where` (B, S) bool, only at the

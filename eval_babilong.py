@@ -1,0 +1,1095 @@
+"""BABILong evaluation with the benchmark's data, prompt format and scoring.
+
+    # the benchmark's data from the hub (100 samples per task and length; cached, then works offline)
+    python eval_babilong.py --model Qwen/Qwen2.5-7B --out runs/babilong/qwen2.5-7b \\
+        --tasks qa1 qa2 qa3 qa4 qa5 --lengths 0k 1k 2k 4k 8k 16k 32k
+    # 1000 samples per task and length, Qwen's chat format
+    python eval_babilong.py --model CHECKPOINT_DIR --dataset RMT-team/babilong-1k-samples \\
+        --chat-template --out runs/babilong/focusft-1k
+    # offline: the hub cache (HF_HUB_OFFLINE=1), or a local copy in the hub layout / JSONL files
+    python eval_babilong.py --model DIR --data-dir babilong/ --out runs/babilong/mine
+    # no download at all: built-in seeded qa1-qa5 stories hidden in filler text
+    python eval_babilong.py --model DIR --synthetic --lengths 0k 1k 4k --out runs/babilong/synthetic
+    # re-score predictions in the benchmark's CSV format (ours or published ones)
+    python eval_babilong.py --score-csv qa1_4k_instruction_yes_examples_yes_post_prompt_yes.csv --task qa1
+    # samples/s, batched against one at a time (writes nothing)
+    python eval_babilong.py --model DIR --synthetic --tasks qa1 --lengths 1k --max-samples 16 --benchmark
+
+The protocol is the benchmark's: prompt = task instruction, two in-context examples, answer-format
+post-prompt, then `<context>\\n{input}\\n</context>\\n\\nQuestion: {question}`; greedy decoding of at most
+20 new tokens; an answer is correct when, after lower-casing and cutting it at the first '.',
+'<context>' and '<example>', the task's label words found in it (less those found in the question) are
+exactly the target. Predictions are written in the benchmark's format and naming
+(`{task}_{length}_{prompt name}.csv` with columns target, output, question, and a `.json` beside it
+with the prompt and generation settings), so they compare row for row with published predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import huggingface_hub
+import pyarrow
+import pyarrow.parquet as pq
+import tokenizers
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import (
+    GatedRepoError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from tqdm import tqdm
+
+import data
+import qwen2
+
+PROG = "eval_babilong.py"
+
+
+class EvalError(Exception):
+    """A problem the user can fix (bad flag, missing file, ...). The message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks, labels and lengths (facts about the benchmark)
+
+_ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
+_YES_NO = ("no", "yes")
+TASK_LABELS: dict[str, tuple[str, ...]] = {
+    "qa1": _ROOMS, "qa2": _ROOMS, "qa3": _ROOMS, "qa4": _ROOMS,
+    "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk"),
+    "qa6": _YES_NO,
+    "qa7": ("none", "one", "three", "two"),
+    "qa8": ("apple", "football", "milk", "nothing"),
+    "qa9": _YES_NO,
+    "qa10": ("maybe", "no", "yes"),
+    "qa11": _ROOMS, "qa12": _ROOMS, "qa13": _ROOMS,
+    "qa14": ("bedroom", "cinema", "kitchen", "office", "park", "school"),
+    "qa15": ("cat", "mouse", "sheep", "wolf"),
+    "qa16": ("gray", "green", "white", "yellow"),
+    "qa17": _YES_NO, "qa18": _YES_NO,
+    "qa19": ("e,e", "e,n", "e,s", "n,e", "n,n", "n,w", "s,e", "s,s", "s,w", "w,n", "w,s", "w,w"),
+    "qa20": ("bedroom", "bored", "garden", "hungry", "kitchen", "thirsty", "tired"),
+}
+TASKS = tuple(TASK_LABELS)
+# The split names the benchmark publishes; "0k" is the bare bAbI story without filler.
+LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
+DEFAULT_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+DEFAULT_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
+SYNTHETIC_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")  # the worlds data.babi_story builds
+MAX_NEW_TOKENS = 20
+BENCHMARK_ROUNDS = 3
+
+
+def length_tokens(length: str) -> int:
+    """Nominal context size of a split name: '4k' -> 4096, '1M' -> 1048576."""
+    return int(length[:-1]) * (1024 if length[-1] == "k" else 1024 * 1024)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def task_labels(task: str) -> tuple[str, ...]:
+    if task not in TASK_LABELS:
+        raise EvalError(f"unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
+    return TASK_LABELS[task]
+
+
+def clean_output(output: str) -> str:
+    """The benchmark's clean-up: lower-case, keep the first sentence, drop anything from a `<context>`
+    or `<example>` on (a model that starts writing another example)."""
+    output = (output or "").lower()
+    return output.split(".")[0].split("<context>")[0].split("<example>")[0]
+
+
+def is_correct(task: str, target: str, output: str, question: str) -> bool:
+    """The benchmark's rule for one prediction.
+
+    The task's label words are looked for as substrings of the cleaned output; labels that also occur
+    in the question are never the answer and are ignored; what remains must be exactly the target. A
+    comma-separated target longer than 3 characters (qa8: "apple,milk") must be matched by exactly its
+    parts; a short one (qa19: "n,w") is a single label. Substring matching is the benchmark's: in qa7
+    the output "none" also contains "one", so the benchmark never counts a "none" answer correct.
+    """
+    labels = {label.lower() for label in task_labels(task)}
+    output = clean_output(output)
+    question = (question or "").lower()
+    target = (target or "").lower()
+    found = {label for label in labels if label in output} - {label for label in labels if label in question}
+    if "," in target and len(target) > 3:
+        parts = target.split(",")
+        return len(found) == len(parts) and all(part in found for part in parts)
+    return found == {target}
+
+
+def score(task: str, rows: list[dict]) -> tuple[int, int]:
+    """(correct, total) over rows with keys target, output, question."""
+    correct = sum(is_correct(task, r["target"], r["output"], r["question"]) for r in rows)
+    return correct, len(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+# The benchmark's prompt layout ({context} is the sample's `input`; {input} is accepted as well).
+DEFAULT_TEMPLATE = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n"
+                    "<context>\n{context}\n</context>\n\nQuestion: {question}")
+
+
+def _examples(*pairs: tuple[str, str]) -> str:
+    return "\n\n".join(f"<example>\n{story}\nAnswer: {answer}\n</example>" for story, answer in pairs)
+
+
+# This project's own per-task texts, with the benchmark's answer formats. The examples use places,
+# names and objects outside the tasks' label sets, so copying an example's answer never scores.
+PROMPTS: dict[str, dict[str, str]] = {
+    "qa1": {
+        "instruction": (
+            "You will read a long text in which a few short statements about where people go are hidden "
+            "among unrelated passages, followed by a question. Answer using only those statements. When "
+            "a person moved several times, their location is the last place they went to."),
+        "examples": _examples(
+            ("Olivia walked into the attic. Marcus headed to the porch. Olivia ran to the library. "
+             "Where is Olivia?", "The most recent location of Olivia is library."),
+            ("Theo strolled to the cellar. Ingrid drove to the studio. Theo moved to the garage. Ingrid "
+             "went to the greenhouse. Where is Ingrid?",
+             "The most recent location of Ingrid is greenhouse.")),
+        "post_prompt": ("Answer with one sentence of the form: The most recent location of <person> is "
+                        "<location>. Write nothing else after it."),
+    },
+    "qa2": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about people moving "
+            "around and picking up, carrying or putting down objects, followed by a question. Use only "
+            "those statements. An object that someone holds goes wherever that person goes."),
+        "examples": _examples(
+            ("Nadia picked up the lantern. Nadia walked to the porch. Where is the lantern?",
+             "The lantern is in the porch."),
+            ("Felix went to the attic. Felix grabbed the umbrella. Felix left the umbrella there. Felix "
+             "headed to the studio. Where is the umbrella?", "The umbrella is in the attic.")),
+        "post_prompt": ("Answer with one sentence of the form: The <object> is in the <location>. Write "
+                        "nothing else after it."),
+    },
+    "qa3": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about people moving "
+            "between places and picking up or dropping objects, followed by a question about where an "
+            "object was before it reached a given place. Use only those statements and follow the "
+            "object's path step by step."),
+        "examples": _examples(
+            ("Nadia picked up the lantern. Nadia walked to the porch. Nadia went to the attic. Where was "
+             "the lantern before the attic?", "Before the attic the lantern was in the porch."),
+            ("Felix took the umbrella in the studio. Felix travelled to the cellar. Felix dropped the "
+             "umbrella. Felix went to the garage. Where was the umbrella before the cellar?",
+             "Before the cellar the umbrella was in the studio.")),
+        "post_prompt": ("Answer with one sentence of the form: Before the <place> the <object> was in the "
+                        "<location>. Write nothing else after it."),
+    },
+    "qa4": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it that say how places lie "
+            "relative to each other, followed by a question. Use only those statements."),
+        "examples": _examples(
+            ("The attic is east of the studio. The porch is west of the studio. What is west of the "
+             "studio?", "porch"),
+            ("The cellar is south of the garage. The library is east of the garage. What is the garage "
+             "north of?", "cellar")),
+        "post_prompt": "Answer with a single word, the place. Write nothing else.",
+    },
+    "qa5": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about people picking up "
+            "objects and passing them to one another, followed by a question. Use only those statements."),
+        "examples": _examples(
+            ("Oscar picked up the lamp. Oscar handed the lamp to Petra. Petra passed the lamp to Quinn. "
+             "Who gave the lamp to Quinn?", "Petra"),
+            ("Rosa took the book. Rosa gave the book to Sami. What did Rosa give to Sami?", "book")),
+        "post_prompt": "Answer with a single word, a person's name or an object. Write nothing else.",
+    },
+    "qa6": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about where people go, "
+            "followed by a yes-or-no question about where someone is now. Use only those statements; a "
+            "person is in the last place they went to."),
+        "examples": _examples(
+            ("Olivia walked into the attic. Olivia ran to the library. Is Olivia in the attic?", "no"),
+            ("Marcus headed to the porch. Theo moved to the garage. Is Marcus in the porch?", "yes")),
+        "post_prompt": "Answer with a single word, yes or no. Write nothing else.",
+    },
+    "qa7": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about people picking up, "
+            "handing over and dropping objects, followed by a question about how many objects someone "
+            "holds. Use only those statements."),
+        "examples": _examples(
+            ("Nadia picked up the lantern. Nadia grabbed the umbrella. Nadia put down the lantern. How "
+             "many objects is Nadia carrying?", "one"),
+            ("Felix took the book. Felix gave the book to Rosa. How many objects is Felix carrying?",
+             "none")),
+        "post_prompt": ("Answer with a single word: none, or the number spelled out in letters. Write "
+                        "nothing else."),
+    },
+    "qa8": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about people picking up, "
+            "handing over and dropping objects, followed by a question about what someone holds. Use only "
+            "those statements."),
+        "examples": _examples(
+            ("Nadia picked up the lantern. Nadia grabbed the umbrella. What is Nadia carrying?",
+             "lantern,umbrella"),
+            ("Felix took the book. Felix dropped the book. What is Felix carrying?", "nothing")),
+        "post_prompt": ("Answer with nothing, with one object, or with two objects separated by a comma. "
+                        "Write nothing else."),
+    },
+    "qa9": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about where people are "
+            "or are not, followed by a yes-or-no question. Use only those statements; the latest "
+            "statement about a person is the one that holds."),
+        "examples": _examples(
+            ("Olivia is in the attic. Olivia is no longer in the attic. Is Olivia in the attic?", "no"),
+            ("Marcus is not in the porch. Marcus went to the garage. Is Marcus in the garage?", "yes")),
+        "post_prompt": "Answer with a single word, yes or no. Write nothing else.",
+    },
+    "qa10": {
+        "instruction": (
+            "You will read a long text with a few short statements hidden in it about where people are, "
+            "some of them uncertain, followed by a question. Use only those statements, and answer maybe "
+            "when they leave both answers possible."),
+        "examples": _examples(
+            ("Olivia is either in the attic or the porch. Is Olivia in the attic?", "maybe"),
+            ("Marcus went to the garage. Marcus is either in the cellar or the studio. Is Marcus in the "
+             "garage?", "no")),
+        "post_prompt": "Answer with a single word: yes, no or maybe. Write nothing else.",
+    },
+}
+
+
+@dataclass
+class PromptConfig:
+    """The benchmark's prompt configuration (the "prompt" object of its JSON, in its key order)."""
+
+    instruction: str = ""
+    examples: str = ""
+    post_prompt: str = ""
+    template: str = DEFAULT_TEMPLATE
+    chat_template: bool = False
+    system_prompt: str = ""
+
+    def name(self) -> str:
+        """The benchmark's file-name part: which fields are in use, e.g. 'instruction_yes_..._no'."""
+        d = asdict(self)
+        return "_".join(f"{k}_{'yes' if d[k] else 'no'}" for k in d if k != "template")
+
+    def format(self, context: str, question: str) -> str:
+        """The user message: the template filled in, stripped (as the benchmark does)."""
+        context = context.strip()
+        return self.template.format(instruction=self.instruction, examples=self.examples,
+                                    post_prompt=self.post_prompt, context=context, input=context,
+                                    question=question).strip()
+
+    def render(self, context: str, question: str) -> str:
+        """The full model input: one user turn in Qwen's ChatML with the assistant header, or plain text.
+        Without the chat template a system prompt (from a loaded config) goes first, then a blank line."""
+        text = self.format(context, question)
+        if self.chat_template:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            messages.append({"role": "user", "content": text})
+            return data.render_chat(messages, add_generation_prompt=True)
+        return f"{self.system_prompt}\n\n{text}" if self.system_prompt else text
+
+
+def default_prompt(task: str, chat_template: bool = False, system_prompt: str = "") -> PromptConfig:
+    if task not in PROMPTS:
+        raise EvalError(f"no built-in prompt for {task} (built in: qa1-qa10); pass the benchmark's "
+                        f"--prompt-config FILE.json for it")
+    return PromptConfig(**PROMPTS[task], chat_template=chat_template, system_prompt=system_prompt or "")
+
+
+def check_template(template: str, source: str) -> None:
+    try:
+        template.format(instruction="", examples="", post_prompt="", context="", input="", question="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise EvalError(f"{source}: the prompt template does not format ({type(e).__name__}: {e}); its "
+                        f"placeholders are {{instruction}} {{examples}} {{post_prompt}} {{context}} "
+                        f"{{question}}") from None
+
+
+def load_prompt_config(path: str | os.PathLike) -> tuple[PromptConfig, dict]:
+    """Read the benchmark's JSON ({"prompt": {...}, "generate_kwargs": {...}}). Keys absent from older
+    published files (chat_template, system_prompt) take their defaults; other top-level keys are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"--prompt-config {path}: no such file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"--prompt-config {path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("prompt"), dict):
+        raise EvalError(f"--prompt-config {path}: expected an object with a \"prompt\" object "
+                        f"(the benchmark's format: {{\"prompt\": {{...}}, \"generate_kwargs\": {{...}}}})")
+    p, fields = d["prompt"], {}
+    for key in ("instruction", "examples", "post_prompt", "template", "system_prompt"):
+        value = p.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise EvalError(f"--prompt-config {path}: prompt.{key} must be a string")
+        fields[key] = value
+    chat = p.get("chat_template", False)
+    if not isinstance(chat, bool):
+        raise EvalError(f"--prompt-config {path}: prompt.chat_template must be true or false")
+    config = PromptConfig(**fields, chat_template=chat)
+    check_template(config.template, f"--prompt-config {path}")
+    gen = d.get("generate_kwargs") or {}
+    if not isinstance(gen, dict):
+        raise EvalError(f"--prompt-config {path}: generate_kwargs must be an object")
+    return config, gen
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the hub, a local directory in the hub layout, or built-in synthetic samples
+
+Sample = dict  # {"input": str, "question": str, "target": str}
+DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+def _path_names(path: str) -> set[str]:
+    """The names a data file's path carries: its folders and the '-'/'_' pieces of its file name, so
+    '4k/qa1/0000.parquet', 'qa1/4k/0000.parquet', '4k/qa1-00000-of-00002.parquet' and 'qa1_4k.jsonl'
+    all name ('qa1', '4k'), while '4k/qa10/...' does not name qa1."""
+    p = PurePosixPath(path)
+    stem = p.name.split(".")[0]
+    return set(p.parts[:-1]) | set(re.split(r"[-_]", stem))
+
+
+def match_data_files(paths: list[str], task: str, length: str) -> list[str]:
+    """The files (relative posix paths) that hold (task, length), in shard order.
+
+    Several layouts of the same data can sit side by side (the hub's parquet conversion adds
+    '{length}/{task}/0000.parquet' beside an upload's '{length}/{task}-00000-of-00001.parquet'):
+    one is chosen, preferring the one filed under the length folder, parquet, then the shallowest."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for path in paths:
+        if path.endswith(DATA_SUFFIXES) and {task, length} <= _path_names(path):
+            p = PurePosixPath(path)
+            groups[(str(p.parent), p.suffix)].append(path)
+    if not groups:
+        return []
+
+    def rank(key: tuple[str, str]) -> tuple:
+        parent, suffix = key
+        return (PurePosixPath(parent).parts[:1] != (length,), suffix != ".parquet", parent.count("/"), key)
+
+    return sorted(groups[min(groups, key=rank)])
+
+
+def _available(paths: list[str]) -> str:
+    names = set().union(*(_path_names(p) for p in paths if p.endswith(DATA_SUFFIXES))) if paths else set()
+    lengths = [x for x in LENGTHS if x in names]
+    tasks = [x for x in TASKS if x in names]
+    return f"lengths there: {' '.join(lengths) or 'none'}; tasks there: {' '.join(tasks) or 'none'}"
+
+
+def _missing_pair(where: str, task: str, length: str, paths: list[str]) -> EvalError:
+    return EvalError(f"{where}: no data file for {task} at {length} (looked for a .parquet or .jsonl path "
+                     f"naming both, e.g. {length}/{task}/0000.parquet, {length}/{task}-00000-of-00001"
+                     f".parquet or {length}/{task}.jsonl, among {len(paths)} files; {_available(paths)})")
+
+
+def read_samples(path: Path) -> list[Sample]:
+    """Rows with the benchmark's fields from a parquet or JSONL file."""
+    fields = ("input", "question", "target")
+    if path.suffix == ".parquet":
+        try:
+            schema = pq.read_schema(path)
+            missing = [f for f in fields if f not in schema.names]
+            if missing:
+                raise EvalError(f"{path}: no column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+            rows = pq.read_table(path, columns=list(fields)).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise EvalError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
+    else:
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
+                missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+                if missing:
+                    raise EvalError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+                rows.append(row)
+    return [{k: "" if r[k] is None else str(r[k]) for k in fields} for r in rows]
+
+
+class DataSource:
+    """Where samples come from. `describe()` is recorded with the predictions (resume compares it)."""
+
+    def check(self, pairs: list[tuple[str, str]]) -> None:
+        """Fail early, before any generation, if a (task, length) is not available."""
+
+    def samples(self, task: str, length: str, count_tokens: Callable[[str], int]) -> list[Sample]:
+        """The samples of (task, length) in the data's order; count_tokens measures synthetic contexts."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class FileData(DataSource):
+    """Data files in the hub's layout, listed in `paths` (relative posix paths)."""
+
+    where: str  # the flag and value, for messages
+    paths: list[str]
+
+    def files(self, task: str, length: str) -> list[str]:
+        found = match_data_files(self.paths, task, length)
+        if not found:
+            raise _missing_pair(self.where, task, length, self.paths)
+        return found
+
+    def check(self, pairs):
+        for task, length in pairs:
+            self.files(task, length)
+
+
+class LocalData(FileData):
+    """A directory in the hub's layout (parquet or JSONL files)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self.where = f"--data-dir {self.root}"
+        if not self.root.is_dir():
+            raise EvalError(f"{self.where}: no such directory")
+        self.paths = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                            if p.is_file() and p.suffix in DATA_SUFFIXES)
+
+    def samples(self, task, length, count_tokens):
+        return [s for f in self.files(task, length) for s in read_samples(self.root / f)]
+
+    def describe(self):
+        return {"data_dir": str(self.root.resolve())}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
+def _cached_snapshot(repo: str, revision: str) -> Path | None:
+    """The hub cache's snapshot folder of a dataset revision, if it was downloaded before."""
+    folder = Path(hub_constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
+    commit = revision
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):
+        ref = folder / "refs" / revision
+        if not ref.is_file():
+            return None
+        commit = ref.read_text().strip()
+    snapshot = folder / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+class HubData(FileData):
+    """The benchmark's parquet files on the Hugging Face hub, downloaded into (and read from) the hub cache.
+
+    The file layout is found by listing the repository, not assumed. When the hub cannot be reached
+    (no network, HF_HUB_OFFLINE=1) the cached snapshot of the revision is listed instead."""
+
+    def __init__(self, repo: str, revision: str = "main"):
+        self.repo, self.revision = repo, revision
+        self.where = f"--dataset {repo}" + (f" --revision {revision}" if revision != "main" else "")
+        self._paths: list[str] | None = None
+        self.snapshot: Path | None = None  # set when working from the cache
+
+    @property
+    def paths(self) -> list[str]:  # listed on first use: a run with every pair done needs no network
+        if self._paths is None:
+            self._paths = self._list()
+        return self._paths
+
+    def _list(self) -> list[str]:
+        try:
+            return list(huggingface_hub.HfApi().list_repo_files(self.repo, repo_type="dataset",
+                                                                revision=self.revision))
+        except (RepositoryNotFoundError, GatedRepoError) as e:
+            raise EvalError(f"{self.where}: no such dataset on the hub, or no access "
+                            f"({type(e).__name__})") from None
+        except RevisionNotFoundError:
+            raise EvalError(f"{self.where}: the dataset has no revision {self.revision!r}") from None
+        except Exception as e:  # offline, no network, hub down: fall back to the cache
+            snapshot = _cached_snapshot(self.repo, self.revision)
+            if snapshot is None:
+                offline = isinstance(e, OfflineModeIsEnabled)
+                reason = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {_first_line(e)}"
+                raise EvalError(f"{self.where}: cannot list the dataset on the hub ({reason}) and it is not "
+                                f"in the hub cache ({hub_constants.HF_HUB_CACHE}); run once online, or use "
+                                f"--data-dir / --synthetic") from None
+            self.snapshot = snapshot
+            self.where += f" (cached snapshot {snapshot}; the hub was unreachable)"
+            return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+
+    def download(self, filename: str) -> Path:
+        if self.snapshot is not None:
+            return self.snapshot / filename
+        try:
+            return Path(huggingface_hub.hf_hub_download(self.repo, filename, repo_type="dataset",
+                                                        revision=self.revision))
+        except Exception as e:
+            raise EvalError(f"{self.where}: cannot download {filename} ({type(e).__name__}: "
+                            f"{_first_line(e)})") from None
+
+    def samples(self, task, length, count_tokens):
+        return [s for f in self.files(task, length) for s in read_samples(self.download(f))]
+
+    def describe(self):
+        return {"dataset": self.repo, "revision": self.revision}
+
+
+class SyntheticData(DataSource):
+    """Seeded qa1-qa5 samples built from data.py's bAbI-style worlds: the story's facts, kept in order,
+    hidden in filler text until the context holds about `length` tokens of the model's tokenizer
+    ('4k' -> 4096). Sample i of (task, length) depends only on (seed, task, length, i)."""
+
+    def __init__(self, seed: int = 0, count: int = 100):
+        self.seed, self.count = seed, count
+
+    def check(self, pairs):
+        for task, _ in pairs:
+            if task not in SYNTHETIC_TASKS:
+                raise EvalError(f"--synthetic builds {', '.join(SYNTHETIC_TASKS)} only, not {task}")
+
+    def samples(self, task, length, count_tokens):
+        self.check([(task, length)])
+        out = []
+        for i in range(self.count):
+            rng = random.Random(f"babilong-synthetic/{self.seed}/{task}/{length}/{i}")
+            facts, question, answer = data.babi_story(rng, task)
+            text = data.haystack(rng, facts, length_tokens(length), count_tokens)  # '0k': the facts alone
+            out.append({"input": text, "question": question, "target": answer})
+        return out
+
+    def describe(self):
+        return {"synthetic": True, "seed": self.seed}
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions files (the benchmark's CSV format) and results table
+
+CSV_COLUMNS = ("target", "output", "question")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a killed run never leaves a half file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """The benchmark's CSV: a leading unnamed index column (as pandas writes it), then target, output,
+    question."""
+    def write(f):
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["", *CSV_COLUMNS])
+        w.writerows([i, *(r[c] for c in CSV_COLUMNS)] for i, r in enumerate(rows))
+    _atomic_write(path, write)
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict]:
+    """Rows of a predictions CSV (with or without the index column). Empty cells read as ''."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise EvalError(f"{path}: empty file (expected a CSV with columns {', '.join(CSV_COLUMNS)})")
+            missing = [c for c in CSV_COLUMNS if c not in header]
+            if missing:
+                raise EvalError(f"{path}: no column(s) {', '.join(missing)} (has: {', '.join(header)}); "
+                                f"expected the benchmark's CSV with columns {', '.join(CSV_COLUMNS)}")
+            where = {c: header.index(c) for c in CSV_COLUMNS}
+            rows = []
+            for n, row in enumerate(reader, 2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise EvalError(f"{path}:{n}: {len(row)} fields, the header has {len(header)}")
+                rows.append({c: row[i] for c, i in where.items()})
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise EvalError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
+    return rows
+
+
+def score_csv(path: str | os.PathLike, task: str | None = None) -> tuple[int, int]:
+    """(correct, total) of a predictions CSV; the task is read from a benchmark file name if not given."""
+    if task is None:
+        m = re.match(r"(qa\d+)_", Path(path).name)
+        if not m:
+            raise EvalError(f"--score-csv {path}: pass --task qaN (the file name does not start with one)")
+        task = m.group(1)
+    if task not in TASK_LABELS:
+        raise EvalError(f"--task: unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
+    rows = read_predictions(path)
+    if not rows:
+        raise EvalError(f"--score-csv {path}: no rows")
+    return score(task, rows)
+
+
+def results_table(results: dict, tasks: list[str], lengths: list[str]) -> str:
+    """Markdown: accuracy in % per task (rows) and length (columns), then the mean over the tasks."""
+    def cell(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = ["| task | " + " | ".join(lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
+    rows = [(task, results["accuracy"][task]) for task in tasks] + [("mean", results["mean"])]
+    for name, values in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(values.get(n)) for n in lengths) + " |")
+    return "\n".join(lines)
+
+
+def collect_results(counts: dict[tuple[str, str], tuple[int, int]], tasks: list[str],
+                    lengths: list[str]) -> dict:
+    """The JSON results: accuracy and counts per (task, length); mean over tasks where all have a value."""
+    acc = {t: {n: counts[t, n][0] / counts[t, n][1] for n in lengths if (t, n) in counts} for t in tasks}
+    mean = {n: (sum(acc[t][n] for t in tasks) / len(tasks) if all(n in acc[t] for t in tasks) else None)
+            for n in lengths}
+    return {"tasks": tasks, "lengths": lengths, "accuracy": acc, "mean": mean,
+            "correct": {t: {n: counts[t, n][0] for n in acc[t]} for t in tasks},
+            "total": {t: {n: counts[t, n][1] for n in acc[t]} for t in tasks}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model side: tokenizer, EOS ids, batched generation
+
+
+def load_tokenizer(directory: Path, flag: str) -> tokenizers.Tokenizer:
+    if not (directory / "tokenizer.json").is_file():
+        raise EvalError(f"{flag}: no tokenizer.json in {directory} (the model directory needs the "
+                        f"tokenizer files next to config.json; copy them from the base model)")
+    try:
+        return data.load_tokenizer(directory)
+    except data.DataError as e:
+        raise EvalError(e.problems[0]) from None
+
+
+def eos_token_ids(directory: Path, tokenizer: tokenizers.Tokenizer) -> list[int]:
+    """Stop ids: generation_config.json's and config.json's eos_token_id, plus Qwen's end-of-turn and
+    end-of-text tokens where the tokenizer has them (a base model's config names only one of them)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise EvalError(f"{path}: not a valid JSON object ({e})") from None
+            ids.update([eos] if isinstance(eos, int) else eos or [])
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        if (i := tokenizer.token_to_id(token)) is not None:
+            ids.add(i)
+    return sorted(ids)
+
+
+def decode(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int]) -> str:
+    stop_ids = set(eos)
+    stop = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
+    return tokenizer.decode(ids[:stop], skip_special_tokens=True).strip()
+
+
+def generate_batched(model: torch.nn.Module, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+                     eos: list[int], prefill_chunk: int | None = None, progress=None) -> list[list[int]]:
+    """Greedy outputs for every prompt, in the prompts' order.
+
+    Prompts go longest first in batches of similar length (little padding, and an out-of-memory shows
+    on the first batch). On a CUDA out-of-memory the batch size is halved for the rest of the run."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int] | None] = [None] * len(prompts)
+    kwargs = {"prefill_chunk": prefill_chunk} if prefill_chunk else {}
+    start = 0
+    while start < len(order):
+        idx = order[start:start + batch_size]
+        try:
+            new = qwen2.generate(model, [prompts[i] for i in idx], max_new_tokens, eos, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            new = None
+        if new is None:  # out of memory (handled here, once the failed batch's tensors are released)
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise EvalError(f"out of GPU memory on one prompt of {len(prompts[idx[0]])} tokens; try "
+                                f"--prefill-chunk 4096 or a shorter --lengths") from None
+            batch_size //= 2
+            tqdm.write(f"out of GPU memory: --batch-size lowered to {batch_size}")
+            continue
+        for i, ids in zip(idx, new, strict=True):
+            outputs[i] = ids
+        start += len(idx)
+        if progress is not None:
+            progress.update(len(idx))
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation run
+
+
+@dataclass
+class Setup:
+    """What one run needs besides the model weights."""
+
+    directory: Path
+    tokenizer: tokenizers.Tokenizer
+    config: qwen2.Qwen2Config
+    eos: list[int]
+    max_new_tokens: int
+
+    def encode(self, prompt: PromptConfig, samples: list[Sample]) -> list[list[int]]:
+        # As the benchmark: plain text gets the tokenizer's special tokens (none for Qwen), a rendered
+        # chat prompt already holds its own. encode_batch runs on all cores.
+        texts = [prompt.render(s["input"], s["question"]) for s in samples]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=not prompt.chat_template)
+        return [e.ids for e in encodings]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def generate_kwargs(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": 1, "do_sample": False,
+                "temperature": None, "top_p": None, "top_k": None, "eos_token_id": self.eos}
+
+
+def pair_paths(out: Path, task: str, length: str, prompt: PromptConfig) -> tuple[Path, Path]:
+    stem = f"{task}_{length}_{prompt.name()}"
+    return out / f"{stem}.csv", out / f"{stem}.json"
+
+
+def is_finished(csv_path: Path, json_path: Path, record: dict) -> bool:
+    """A (task, length) is done when both files exist and were made with the same prompt, generation
+    settings and data (the CSV is written whole at the end of a pair, so it is never partial)."""
+    if not (csv_path.is_file() and json_path.is_file()):
+        return False
+    try:
+        saved = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    keys = ("prompt", "generate_kwargs", "data")
+    return isinstance(saved, dict) and all(saved.get(k) == record[k] for k in keys)
+
+
+def context_limit(config: qwen2.Qwen2Config) -> tuple[int, str]:
+    """Positions a model is meant for: max_position_embeddings, or more with YaRN scaling (Qwen2.5's
+    long-context recipe keeps max_position_embeddings and adds a rope_scaling factor)."""
+    limit, what = config.max_position_embeddings, "max_position_embeddings"
+    scaling = config.rope_scaling or {}
+    if scaling.get("factor") and scaling.get("original_max_position_embeddings"):
+        scaled = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+        if scaled > limit:
+            limit, what = scaled, "rope_scaling factor x original_max_position_embeddings"
+    return limit, what
+
+
+def check_overflow(task: str, length: str, prompts: list[list[int]], setup: Setup, policy: str) -> None:
+    """Prompts plus the new tokens must fit the model's context: stop (policy 'error') or warn ('run')."""
+    limit, what_limit = context_limit(setup.config)
+    over = [len(p) for p in prompts if len(p) + setup.max_new_tokens > limit]
+    if not over:
+        return
+    what = (f"{task} {length}: {len(over)} of {len(prompts)} prompts do not fit the model's context "
+            f"(longest {max(over)} prompt tokens + {setup.max_new_tokens} new > {what_limit} {limit})")
+    if policy == "error":
+        raise EvalError(f"{what}; pass --overflow run to generate past the trained positions anyway, or "
+                        f"leave out --lengths {length}")
+    tqdm.write(f"warning: {what}; generating anyway (--overflow run)")
+
+
+def prompts_for(args: argparse.Namespace, task: str) -> PromptConfig:
+    """The prompt of a task: built-in or --prompt-config, with --chat-template/--system-prompt on top."""
+    if args.prompt_config:
+        prompt = PromptConfig(**asdict(args.loaded_prompt))
+    else:
+        prompt = default_prompt(task)
+    if args.chat_template is not None:
+        prompt.chat_template = args.chat_template
+    if args.system_prompt is not None:
+        prompt.system_prompt = args.system_prompt
+    return prompt
+
+
+def make_source(args: argparse.Namespace) -> DataSource:
+    if args.synthetic:
+        return SyntheticData(seed=args.seed, count=args.max_samples or 100)
+    if args.data_dir:
+        return LocalData(args.data_dir)
+    return HubData(args.dataset, args.revision)
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
+    directory = qwen2.checkpoint_dir(args.model)
+    tokenizer = load_tokenizer(directory, f"--model {args.model}")
+    config = qwen2.Qwen2Config.from_json(directory / "config.json")  # a clear CheckpointError if bad
+    return Setup(directory, tokenizer, config, eos_token_ids(directory, tokenizer), args.max_new_tokens)
+
+
+def load_model(args: argparse.Namespace, setup: Setup) -> tuple[torch.nn.Module, str]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    model = qwen2.from_pretrained(setup.directory, dtype=dtype, device=device).eval()
+    return model, dtype
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Generate and score every requested (task, length) not already finished in --out; write the
+    predictions, results.md and results.json; return the results."""
+    setup = load_setup(args)
+    source = make_source(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_record = {**source.describe(), "max_samples": args.max_samples}
+
+    # Longest contexts first: a prompt that does not fit or runs out of memory shows up at the start.
+    pairs = [(t, n) for n in sorted(args.lengths, key=length_tokens, reverse=True) for t in args.tasks]
+    jobs, counts = [], {}
+    for task, length in pairs:
+        prompt = prompts_for(args, task)
+        csv_path, json_path = pair_paths(out, task, length, prompt)
+        record = {"prompt": asdict(prompt), "generate_kwargs": setup.generate_kwargs(), "data": data_record}
+        if is_finished(csv_path, json_path, record):
+            counts[task, length] = score(task, read_predictions(csv_path))
+            print(f"{task} {length}: done before, skipped ({csv_path.name})")
+        else:
+            jobs.append((task, length, prompt, csv_path, json_path, record))
+    source.check([(t, n) for t, n, *_ in jobs])
+    if jobs:
+        print(f"{len(jobs)} of {len(pairs)} (task, length) pairs to run, longest first; writing to {out}")
+
+    model = dtype = None
+    for task, length, prompt, csv_path, json_path, record in jobs:
+        samples = source.samples(task, length, setup.count_tokens)
+        if args.max_samples:
+            samples = samples[:args.max_samples]
+        if not samples:
+            raise EvalError(f"{task} {length}: the data has no samples")
+        ids = setup.encode(prompt, samples)
+        check_overflow(task, length, ids, setup, args.overflow)
+        if model is None:
+            model, dtype = load_model(args, setup)
+        with tqdm(total=len(ids), desc=f"{task} {length}", unit="sample", leave=False) as bar:
+            new = generate_batched(model, ids, args.batch_size, setup.max_new_tokens, setup.eos,
+                                   args.prefill_chunk, progress=bar)
+        rows = [{"target": s["target"], "output": decode(setup.tokenizer, ids, setup.eos),
+                 "question": s["question"]} for s, ids in zip(samples, new, strict=True)]
+        write_predictions(csv_path, rows)
+        counts[task, length] = score(task, rows)
+        c, n = counts[task, length]
+        files = source.files(task, length) if isinstance(source, FileData) else []
+        saved = {**record, "files": files, "model": str(args.model), "dtype": dtype, "samples": n,
+                 "accuracy": c / n}
+        _atomic_write(json_path, lambda f, saved=saved: f.write(json.dumps(saved, indent=4) + "\n"))
+        print(f"{task} {length}: accuracy {c / n:.3f} ({c}/{n}) -> {csv_path}")
+
+    tasks, lengths = list(args.tasks), sorted(args.lengths, key=length_tokens)
+    results = collect_results(counts, tasks, lengths)
+    table = results_table(results, tasks, lengths)
+    names = sorted({prompts_for(args, t).name() for t in tasks})
+    results = {"model": str(args.model), "prompt": names[0] if len(names) == 1 else names,
+               "data": data_record, **results}
+    header = (f"BABILong accuracy (%) of {args.model}\n\nprompt: {', '.join(names)}; data: "
+              f"{json.dumps(data_record)}; greedy, at most {setup.max_new_tokens} new tokens")
+    (out / "results.md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
+    return results
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Samples/s of batched generation against one prompt at a time, on the first (task, length)."""
+    args.max_samples = args.max_samples or 16
+    setup = load_setup(args)
+    source = make_source(args)
+    task, length = args.tasks[0], args.lengths[0]
+    source.check([(task, length)])
+    samples = source.samples(task, length, setup.count_tokens)[:args.max_samples]
+    prompt = prompts_for(args, task)
+    ids = setup.encode(prompt, samples)
+    check_overflow(task, length, ids, setup, args.overflow)
+    model, dtype = load_model(args, setup)
+    device = next(model.parameters()).device
+    print(f"benchmark: {len(ids)} prompts of {task} {length} (mean {sum(map(len, ids)) / len(ids):.0f} "
+          f"tokens), up to {setup.max_new_tokens} new tokens, {device} {dtype}")
+    generate_batched(model, ids[:1], 1, setup.max_new_tokens, setup.eos, args.prefill_chunk)  # warm-up
+    # Alternate the two settings for a few rounds and keep each one's best: on a shared machine both
+    # then see the same load, and the minimum is the least noisy estimate.
+    sizes = sorted({1, args.batch_size})
+    seconds, outputs = {bs: [] for bs in sizes}, {}
+    for _ in range(BENCHMARK_ROUNDS):
+        for bs in sizes:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outputs[bs] = generate_batched(model, ids, bs, setup.max_new_tokens, setup.eos,
+                                           args.prefill_chunk)
+            seconds[bs].append(time.perf_counter() - t0)
+    report = {bs: len(ids) / min(seconds[bs]) for bs in sizes}
+    for bs in sizes:
+        print(f"batch size {bs:>3}: {min(seconds[bs]):8.2f} s, {report[bs]:8.2f} samples/s"
+              + (f" ({report[bs] / report[1]:.1f}x)" if bs != 1 else "")
+              + f"   (best of {BENCHMARK_ROUNDS} alternating rounds)")
+    same = outputs[1] == outputs[args.batch_size]
+    print(f"identical outputs batched and one at a time: {'yes' if same else 'no'}")
+    return {"samples_per_s": report, "identical": same}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", metavar="DIR_OR_ID",
+                   help="model directory or hub id (config.json, safetensors weights, tokenizer.json)")
+    p.add_argument("--out", metavar="DIR",
+                   help="results folder of this model: a predictions CSV and JSON per task and length, "
+                        "results.md, results.json; finished (task, length) pairs are skipped on a rerun")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="qaN",
+                   help="tasks to evaluate (default: qa1-qa5; built-in prompts for qa1-qa10, the others "
+                        "need --prompt-config)")
+    p.add_argument("--lengths", nargs="+", default=list(DEFAULT_LENGTHS), metavar="LEN",
+                   help=f"context lengths, the benchmark's split names: {' '.join(LENGTHS)} "
+                        f"(default: {' '.join(DEFAULT_LENGTHS)})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default="RMT-team/babilong", metavar="REPO",
+                     help="hub dataset (default: RMT-team/babilong, 100 samples per task and length; "
+                          "RMT-team/babilong-1k-samples has 1000); cached, then works offline")
+    src.add_argument("--data-dir", metavar="DIR",
+                     help="local data in the hub layout ({length}/{task}/*.parquet, "
+                          "{length}/{task}-*.parquet) or JSONL files ({length}/{task}.jsonl), with the "
+                          "fields input, question, target")
+    src.add_argument("--synthetic", action="store_true",
+                     help="built-in seeded qa1-qa5 samples: no download (tests, demos, offline use)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit of --dataset (default: main)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --synthetic samples (default: 0)")
+    p.add_argument("--prompt-config", metavar="FILE.json",
+                   help="the benchmark's prompt configuration JSON (published beside each predictions "
+                        "CSV), to reproduce a published prompt exactly; it holds one task's texts")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="the prompt as one user turn in Qwen's ChatML, ending in the assistant header "
+                        "(default: plain text, or what --prompt-config says)")
+    p.add_argument("--system-prompt", metavar="TEXT",
+                   help="system turn for --chat-template (default: none, so Qwen's template adds its own)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="prompts decoded together, halved on CUDA out-of-memory (default: 8)")
+    p.add_argument("--max-samples", type=int, metavar="N",
+                   help="only the first N samples of each task and length (default: all; 100 for "
+                        "--synthetic)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"generated tokens at most (default: {MAX_NEW_TOKENS}, the benchmark's protocol, or "
+                        f"the max_new_tokens of --prompt-config)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="prefill long prompts N tokens at a time, to bound activation memory")
+    p.add_argument("--overflow", choices=["error", "run"], default="error",
+                   help="prompts (plus the new tokens) longer than the model's context: stop with an error "
+                        "before generating them (default), or run them anyway with a warning")
+    p.add_argument("--score-csv", metavar="FILE",
+                   help="only re-score a predictions CSV in the benchmark's format (columns target, output, "
+                        "question) and print 'accuracy: A (correct/total)'")
+    p.add_argument("--task", metavar="qaN", help="task of --score-csv (default: read from the file name)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="print samples/s of batched decoding (--batch-size) against one prompt at a time, "
+                        "on the first task and length (16 samples unless --max-samples); writes nothing")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check the flags before anything is loaded; raises EvalError naming the flag."""
+    if not args.model:
+        raise EvalError("--model is required (a model directory or hub id)")
+    if not args.out and not args.benchmark:
+        raise EvalError("--out is required (the folder for predictions and results)")
+    for task in args.tasks:
+        if task not in TASK_LABELS:
+            raise EvalError(f"--tasks: unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
+    for length in args.lengths:
+        if length not in LENGTHS:
+            raise EvalError(f"--lengths: unknown length {length!r} (the benchmark's: {' '.join(LENGTHS)})")
+    args.tasks, args.lengths = list(dict.fromkeys(args.tasks)), list(dict.fromkeys(args.lengths))
+    for flag in ("batch_size", "max_samples", "max_new_tokens", "prefill_chunk"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise EvalError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalError(f"--out {args.out}: is a file, expected a folder")
+    if args.task:
+        raise EvalError("--task goes with --score-csv; use --tasks to choose what to evaluate")
+    if args.synthetic:
+        SyntheticData().check([(t, "0k") for t in args.tasks])
+
+    gen = {}
+    if args.prompt_config:
+        args.loaded_prompt, gen = load_prompt_config(args.prompt_config)
+        p = args.loaded_prompt
+        if len(args.tasks) > 1 and (p.instruction or p.examples or p.post_prompt):
+            raise EvalError(f"--prompt-config {args.prompt_config} holds one task's instruction and "
+                            f"examples; evaluate one task with it (--tasks qaN) or one config per run")
+        if gen.get("do_sample") or (gen.get("num_beams") or 1) > 1:
+            print(f"note: --prompt-config {args.prompt_config} asks for sampling or beam search; this "
+                  f"evaluation decodes greedily, as the benchmark's leaderboard runs do")
+    else:
+        for task in args.tasks:
+            default_prompt(task)  # tasks past qa10 need a prompt config
+    chat = args.chat_template if args.chat_template is not None else (
+        args.prompt_config is not None and args.loaded_prompt.chat_template)
+    if args.system_prompt is not None and not chat:
+        raise EvalError("--system-prompt needs --chat-template (only the chat format has a system turn)")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = gen.get("max_new_tokens") or MAX_NEW_TOKENS
+        if not isinstance(args.max_new_tokens, int) or args.max_new_tokens < 1:
+            raise EvalError(f"--prompt-config {args.prompt_config}: generate_kwargs.max_new_tokens must be a "
+                            f"positive integer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.score_csv:
+            correct, total = score_csv(args.score_csv, args.task)
+            print(f"accuracy: {correct / total:.3f} ({correct}/{total})")
+            return 0
+        validate(args)
+        if args.benchmark:
+            benchmark(args)
+        else:
+            evaluate(args)
+    except (EvalError, qwen2.CheckpointError, OSError) as e:  # OSError: permissions, full disk, ...
+        sys.exit(f"{PROG}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"{PROG}: interrupted; finished (task, length) pairs are saved, the same command resumes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
