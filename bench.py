@@ -1,0 +1,295 @@
+"""What a FocuSFT step costs against plain SFT and against the authors' design. No download needed.
+
+    python bench.py                                   # the default CPU configuration of the README
+    python bench.py --json                            # one JSON object (sft_s, focusft_s, authors_way_s, ...)
+    python bench.py --device cuda --dtype bf16 --hidden 3584 --intermediate 18944 --layers 28 \\
+        --heads 28 --kv-heads 4 --vocab 152064 --seq 4096     # a 7B-shaped random model on one GPU
+    python bench.py --model path/to/checkpoint        # the shape of a real config.json, random weights
+
+Three ways to compute the loss and gradients of one micro-batch, on the same random model and batch:
+  sft          plain SFT (inner_steps=0): one forward and backward, logits at response positions;
+  focusft      FocuSFT as implemented (focusft.focusft_step): lower layers once, inner steps on the
+               top layers only, response-position logits, inner gradients for the fast weights only;
+  authors_way  the same numbers computed the authors' way (focusft.reference_focusft_loss): a full
+               forward per inner step, full-vocabulary logits everywhere, fast weights in the outer graph.
+All three use the same mask (hybrid unless --causal) and the same activation-checkpointing setting.
+A "step" is the forward and backward of one micro-batch; the optimizer step, identical for all three,
+is left out. Repetitions are interleaved after warm-up (so a slow period hits every variant) and
+the median is reported with the min-max spread.
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated, reset per variant; on the CPU each variant
+runs once in a fresh subprocess (after a short warm-up step) and reports its peak resident set size
+(VmHWM, reset just before the step) above the resident size just before the step, so the weights
+themselves are not counted; glibc is told to return freed blocks at once, so the resident size
+follows the live tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import focusft
+import qwen2
+
+VARIANTS = ("sft", "focusft", "authors_way")
+
+
+def make_config(args) -> qwen2.Qwen2Config:
+    if args.model:
+        config = qwen2.Qwen2Config.from_json(qwen2.checkpoint_dir(args.model) / "config.json")
+    else:
+        config = qwen2.Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
+                                   intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                                   tie_word_embeddings=False)
+    config.max_position_embeddings = max(config.max_position_embeddings, args.seq)
+    return config
+
+
+def make_batch(seq: int, vocab: int, response_fraction: float, turns: int, device) -> dict:
+    """One sample of `turns` context/response pairs; the responses hold `response_fraction` of it."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, seq), generator=g)
+    loss_mask = torch.zeros(1, seq, dtype=torch.long)
+    pair = seq // turns
+    reply = max(1, round(pair * response_fraction))
+    for t in range(turns):
+        loss_mask[0, (t + 1) * pair - reply:(t + 1) * pair] = 1
+    return {"input_ids": ids.to(device), "loss_mask": loss_mask.to(device),
+            "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device)}
+
+
+def step_fn(variant: str, model, batch: dict, args):
+    kw = dict(inner_steps=0 if variant == "sft" else args.inner_steps, layer_fraction=args.layer_fraction,
+              rank=args.rank, alpha=args.alpha, causal=args.causal, checkpoint=args.grad_ckpt)
+    loss_fn = focusft.reference_focusft_loss if variant == "authors_way" else focusft.focusft_step
+
+    def step():
+        g = torch.Generator().manual_seed(1)  # the same fast-weight draw every time
+        out = loss_fn(model, batch["input_ids"], batch["loss_mask"], batch["attention_mask"], generator=g,
+                      **kw)
+        loss = out[0] if isinstance(out, tuple) else out.loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_step(config: qwen2.Qwen2Config, seq: int, variant: str, args, n_targets: int) -> float:
+    """Matrix FLOPs actually executed (for MFU): 2 per multiply-add; a backward that needs weight and
+    input gradients costs 2x its forward, one that needs input gradients only 1x; a checkpointed
+    layer runs its forward twice. FocuSFT checkpoints the layers below the fast weights only."""
+    d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    layer = 2 * seq * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size) + 4 * seq * seq * d
+    head = 2 * d * V
+    recompute = 1 if args.grad_ckpt else 0
+    train = 1 + recompute + 2  # forward, recomputation, backward (weights + inputs)
+    K = args.inner_steps
+    if variant == "sft":
+        return L * layer * train + head * n_targets * 3
+    if variant == "focusft":
+        top = len(focusft.adapted_layers(L, args.layer_fraction))
+        inner = K * (top * layer * 2 + head * n_targets * 2)  # forward + input-gradient backward
+        return (L - top) * layer * train + top * layer * 3 + inner + head * n_targets * 3
+    inner = K * (L * layer * (2 + recompute) + head * seq * 2)
+    return L * layer * train + inner + head * seq * 3
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def measure_memory_here(variant: str, args) -> float:
+    """Peak memory (MB) of one step of `variant` in this process (see the module docstring)."""
+    device = torch.device(args.device)
+    model = qwen2.random_model(make_config(args), seed=0, dtype=args.dtype, device=device)
+    batch = make_batch(args.seq, model.config.vocab_size, args.response_fraction, args.turns, device)
+    step = step_fn(variant, model, batch, args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # A short warm-up step first, so that library code and thread pools paged in by the first step
+    # are part of the baseline, not of the variant's peak.
+    step_fn(variant, model, make_batch(min(64, args.seq), model.config.vocab_size, args.response_fraction,
+                                       args.turns, device), args)()
+    # Reset the resident-set high-water mark (VmHWM) to the current size, so that the peak is this
+    # step's alone (ru_maxrss would also carry the parent's size from before exec).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss_mb()
+    step()
+    return peak_rss_mb() - base
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model shape (random weights)")
+    g.add_argument("--model", default=None, help="take the shape from this checkpoint's config.json instead")
+    g.add_argument("--hidden", type=int, default=512, help="hidden size")
+    g.add_argument("--intermediate", type=int, default=1408, help="FFN intermediate size")
+    g.add_argument("--layers", type=int, default=8, help="decoder layers")
+    g.add_argument("--heads", type=int, default=8, help="attention heads")
+    g.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
+    g.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    g = p.add_argument_group("batch and method")
+    g.add_argument("--seq", type=int, default=1024, help="tokens in the micro-batch (one sample)")
+    g.add_argument("--response-fraction", type=float, default=0.25, help="share of response tokens")
+    g.add_argument("--turns", type=int, default=2, help="context/response turn pairs in the sample")
+    g.add_argument("--inner-steps", type=int, default=2, help="K")
+    g.add_argument("--layer-fraction", type=float, default=0.35, help="share of top layers with fast weights")
+    g.add_argument("--rank", type=int, default=32, help="fast-weight LoRA rank")
+    g.add_argument("--alpha", type=float, default=64.0, help="fast-weight LoRA alpha")
+    g.add_argument("--causal", action="store_true", help="causal mask instead of the hybrid mask")
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing of decoder layers (all variants)")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and activations")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--repeats", type=int, default=5, help="timed repetitions of each variant")
+    g.add_argument("--warmup", type=int, default=1, help="untimed repetitions of each variant first")
+    g.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to run")
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="device bf16 peak for MFU (default: known value for H100/H200, else no MFU)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    g.add_argument("--measure-memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # internal
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if not 0 < args.response_fraction < 1:
+        p.error("--response-fraction must be in (0, 1)")
+    return args
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0)):  # dense bf16
+            if key in name:
+                return value
+    return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.measure_memory_of:
+        print(json.dumps({"peak_mb": measure_memory_here(args.measure_memory_of, args)}))
+        return {}
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    config = make_config(args)
+    model = qwen2.random_model(config, seed=0, dtype=args.dtype, device=device)
+    batch = make_batch(args.seq, config.vocab_size, args.response_fraction, args.turns, device)
+    n_targets = int(focusft.targets_of(batch["input_ids"], batch["loss_mask"],
+                                       batch["attention_mask"])[1].numel())
+    steps = {v: step_fn(v, model, batch, args) for v in args.variants}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times = {v: [] for v in args.variants}
+    for _ in range(args.repeats):
+        for v, step in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[v].append(time.perf_counter() - t)
+
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size")
+    result = {"config": {k: getattr(config, k) for k in shape},
+              "seq": args.seq, "response_tokens": n_targets, "inner_steps": args.inner_steps,
+              "layer_fraction": args.layer_fraction, "dtype": args.dtype, "device": args.device,
+              "grad_ckpt": args.grad_ckpt, "mask": "causal" if args.causal else "hybrid",
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    peak = peak_tflops(args)
+    for v, ts in times.items():
+        result[f"{v}_s"] = statistics.median(ts)
+        result[f"{v}_min_s"], result[f"{v}_max_s"] = min(ts), max(ts)
+        result[f"{v}_tokens_per_s"] = args.seq / statistics.median(ts)
+        if peak:
+            flops = flops_per_step(config, args.seq, v, args, n_targets)
+            result[f"{v}_mfu"] = flops / statistics.median(ts) / (peak * 1e12)
+    if not args.no_memory:
+        for v in args.variants:
+            if device.type == "cuda":
+                result[f"{v}_peak_mb"] = measure_memory_here(v, args)
+            else:
+                cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                       "--measure-memory-of", v]
+                # glibc otherwise keeps freed blocks below a moving threshold in its heap, and the
+                # resident size would report the allocator's history rather than live tensors.
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                result[f"{v}_peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    if "sft_s" in result and "focusft_s" in result:
+        result["focusft_over_sft"] = result["focusft_s"] / result["sft_s"]
+    if "authors_way_s" in result and "focusft_s" in result:
+        result["authors_way_over_focusft"] = result["authors_way_s"] / result["focusft_s"]
+    if "authors_way_peak_mb" in result and "focusft_peak_mb" in result:
+        result["focusft_over_authors_way_memory"] = result["focusft_peak_mb"] / result["authors_way_peak_mb"]
+
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(table(result, args.variants))
+    return result
+
+
+def table(r: dict, variants) -> str:
+    c = r["config"]
+    lines = [f"random Qwen2: hidden {c['hidden_size']}, intermediate {c['intermediate_size']}, "
+             f"{c['num_hidden_layers']} layers, {c['num_attention_heads']}/{c['num_key_value_heads']} heads, "
+             f"vocab {c['vocab_size']}; seq {r['seq']} ({r['response_tokens']} response tokens), "
+             f"K={r['inner_steps']}, layer fraction {r['layer_fraction']}, {r['dtype']} on {r['device']}, "
+             f"{r['mask']} mask, activation checkpointing {'on' if r['grad_ckpt'] else 'off'}",
+             "",
+             "| variant | step (median) | spread (min-max) | tokens/s | peak memory |" + (
+                 " MFU |" if any(f"{v}_mfu" in r for v in variants) else ""),
+             "| --- | --- | --- | --- | --- |" + (" --- |" if any(f"{v}_mfu" in r for v in variants) else "")]
+    for v in variants:
+        mem = f"{r[f'{v}_peak_mb']:.0f} MB" if f"{v}_peak_mb" in r else "-"
+        mfu = f" {r[f'{v}_mfu']:.1%} |" if f"{v}_mfu" in r else ""
+        lines.append(f"| {v} | {r[f'{v}_s']:.3f} s | {r[f'{v}_min_s']:.3f}-{r[f'{v}_max_s']:.3f} s | "
+                     f"{r[f'{v}_tokens_per_s']:.0f} | {mem} |{mfu}")
+    lines.append("")
+    if "focusft_over_sft" in r:
+        lines.append(f"FocuSFT / SFT step time:            {r['focusft_over_sft']:.2f}x")
+    if "authors_way_over_focusft" in r:
+        lines.append(f"authors' way / FocuSFT step time:   {r['authors_way_over_focusft']:.2f}x")
+    if "focusft_over_authors_way_memory" in r:
+        lines.append(f"FocuSFT / authors' way peak memory: {r['focusft_over_authors_way_memory']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

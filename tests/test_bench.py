@@ -1,0 +1,42 @@
+"""bench.py runs and reports every variant (a smoke run on a tiny shape; timings are never asserted)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+import bench
+
+TINY = ["--hidden", "64", "--intermediate", "96", "--layers", "4", "--heads", "4", "--kv-heads", "2",
+        "--vocab", "300", "--seq", "64", "--repeats", "2", "--warmup", "1"]
+
+
+def test_bench_json_has_every_key():
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), *TINY, "--json"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    for v in bench.VARIANTS:
+        for key in (f"{v}_s", f"{v}_min_s", f"{v}_max_s", f"{v}_tokens_per_s", f"{v}_peak_mb"):
+            assert isinstance(r[key], float) and r[key] >= 0, key
+        assert r[f"{v}_min_s"] <= r[f"{v}_s"] <= r[f"{v}_max_s"]
+    for key in ("focusft_over_sft", "authors_way_over_focusft", "focusft_over_authors_way_memory"):
+        assert r[key] > 0
+    assert r["response_tokens"] == 16 and r["mask"] == "hybrid"
+
+
+def test_bench_table_prints_all_rows(capsys):
+    bench.main([*TINY, "--no-memory", "--causal", "--no-grad-ckpt"])
+    out = capsys.readouterr().out
+    for v in bench.VARIANTS:
+        assert f"| {v} |" in out
+    assert "FocuSFT / SFT step time" in out and "authors' way / FocuSFT step time" in out
+    assert "causal mask, activation checkpointing off" in out
+
+
+def test_flops_estimate_orders_the_variants():
+    args = bench.parse_args(TINY)
+    config = bench.make_config(args)
+    f = {v: bench.flops_per_step(config, 64, v, args, 16) for v in bench.VARIANTS}
+    assert f["sft"] < f["focusft"] < f["authors_way"]
