@@ -179,6 +179,8 @@ def parse_args(argv=None):
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="device bf16 peak for MFU (default: known value for H100/H200, else no MFU)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    g.add_argument("--profile", choices=VARIANTS, default=None,
+                   help="instead of timing, print torch.profiler's table of one step of this variant")
     g.add_argument("--measure-memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -212,6 +214,8 @@ def main(argv=None) -> dict:
     n_targets = int(focusft.targets_of(batch["input_ids"], batch["loss_mask"],
                                        batch["attention_mask"])[1].numel())
     steps = {v: step_fn(v, model, batch, args) for v in args.variants}
+    if args.profile:
+        return profile(step_fn(args.profile, model, batch, args))
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -263,6 +267,29 @@ def main(argv=None) -> dict:
     else:
         print(table(result, args.variants))
     return result
+
+
+def profile(step) -> dict:
+    """Where one step's time goes, by operator (after a warm-up step)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                         row_limit=15, max_name_column_width=50))
+    total = sum(e.self_cpu_time_total for e in averages)
+    shares = {}
+    for e in averages:
+        kind = ("attention" if "scaled_dot_product" in e.key else
+                "matrix products" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else None)
+        if kind:
+            shares[kind] = shares.get(kind, 0.0) + e.self_cpu_time_total / total
+    print("share of self CPU time: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    return shares
 
 
 def table(r: dict, variants) -> str:

@@ -40,3 +40,8 @@ def test_flops_estimate_orders_the_variants():
     config = bench.make_config(args)
     f = {v: bench.flops_per_step(config, 64, v, args, 16) for v in bench.VARIANTS}
     assert f["sft"] < f["focusft"] < f["authors_way"]
+
+
+def test_bench_profile_mode(capsys):
+    shares = bench.main([*TINY, "--profile", "focusft"])
+    assert "matrix products" in shares and "share of self CPU time" in capsys.readouterr().out
