@@ -863,7 +863,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     setup = load_setup(args)
     source = make_source(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     data_record = {**source.describe(), "max_samples": args.max_samples}
 
     # Longest contexts first: a prompt that does not fit or runs out of memory shows up at the start.
@@ -879,6 +878,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         else:
             jobs.append((task, length, prompt, csv_path, json_path, record))
     source.check([(t, n) for t, n, *_ in jobs])
+    out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be there
     if jobs:
         print(f"{len(jobs)} of {len(pairs)} (task, length) pairs to run, longest first; writing to {out}")
 

@@ -633,11 +633,10 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows if up_to is None else [r for r in rows if r["step"] <= up_to]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -667,6 +666,9 @@ def train(args: argparse.Namespace, run: Run) -> None:
     try:
         model_dir = qwen2.checkpoint_dir(args.model)
         tokenizer = data.load_tokenizer(model_dir)
+    except (qwen2.CheckpointError, data.DataError) as e:
+        fail(e.problems[0] if isinstance(e, data.DataError) else str(e))
+    try:
         samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
         model = qwen2.from_pretrained(ckpt or model_dir, dtype=dtype, device=run.device)
     except (qwen2.CheckpointError, data.DataError) as e:
@@ -679,30 +681,30 @@ def train(args: argparse.Namespace, run: Run) -> None:
              f"model")
     pad_id = data.special_token_id(tokenizer, "<|endoftext|>")
     eos_ids = sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, "<|im_end|>")})
+    lengths = [len(s) for s in samples]
+    per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, 0))
+    steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    logged = read_metrics(out / "metrics.jsonl")
+    if (out / "final").is_dir() and logged and logged[-1]["step"] >= total_steps:
+        if run.main:
+            print(f"{out} already holds this run, finished ({out / 'final'}): nothing to do")
+        return
     try:
         if run.main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps({**vars(args), "world_size": run.world}, indent=2) + "\n")
             # A resumed run rewrites the metrics the interrupted one logged after its checkpoint.
-            rows = read_metrics(out / "metrics.jsonl", up_to=trainer_state.get("step", 0) if ckpt else -1)
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            up_to = trainer_state["step"] if ckpt else -1
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged if r["step"] <= up_to))
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e.strerror or e})")
     if run.main:
         print(stats.summary())
 
     # -- optimizer, schedule, DDP ------------------------------------------------------------------
-    lengths = [len(s) for s in samples]
-    per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, 0))
-    steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=run.device.type == "cuda")
-    done = read_metrics(out / "metrics.jsonl")
-    if (out / "final").is_dir() and done and done[-1]["step"] >= total_steps:
-        if run.main:
-            print(f"{out} already holds this run, finished ({out / 'final'}): nothing to do")
-        return
     step, bad_total, bad_run = 0, 0, 0
     if ckpt:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=run.device, weights_only=True))
