@@ -18,6 +18,7 @@ obvious computation (the authors' way) that the tests hold the fast path to.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -73,10 +74,11 @@ def adapted_layers(n_layers: int, layer_fraction: float) -> range:
 
 def init_fast_weights(model: Qwen2ForCausalLM, layers: range, targets=TARGETS, rank: int = 32,
                       alpha: float = 64.0, generator: torch.Generator | None = None,
-                      init_A: dict | None = None) -> FastWeights:
+                      init_A: dict | None = None, dtype: torch.dtype | None = None) -> FastWeights:
     """phi_0: per (layer, projection) A ~ kaiming_uniform(a=sqrt(5)) (nn.Linear's default), B = 0,
     so W' = W at the start; scale alpha / rank. A is drawn on the CPU from `generator` (the same
-    numbers on any device), unless `init_A[(layer, name)]` gives it."""
+    numbers on any device), unless `init_A[(layer, name)]` gives it. dtype: the activations' (default
+    the weights'; they differ under mixed precision)."""
     fast: FastWeights = {}
     for i in layers:
         fast[i] = {}
@@ -87,8 +89,8 @@ def init_fast_weights(model: Qwen2ForCausalLM, layers: range, targets=TARGETS, r
             else:
                 A = torch.empty(rank, W.shape[1])
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-            A = A.to(device=W.device, dtype=W.dtype)
-            B = torch.zeros(W.shape[0], A.shape[0], device=W.device, dtype=W.dtype)
+            A = A.to(device=W.device, dtype=dtype or W.dtype)
+            B = torch.zeros(W.shape[0], A.shape[0], device=W.device, dtype=dtype or W.dtype)
             fast[i][name] = LowRank(A, B, alpha / rank)
     return fast
 
@@ -167,7 +169,7 @@ def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, 
     h = model.run_layers(model.embed(input_ids), 0, start, mask=mask, checkpoint=checkpoint)  # once
     fast, inner = None, []
     if inner_steps > 0:
-        fast = init_fast_weights(model, range(start, L), targets, rank, alpha, generator, init_A)
+        fast = init_fast_weights(model, range(start, L), targets, rank, alpha, generator, init_A, h.dtype)
         fast, inner = inner_loop(model, h.detach(), start, mask, fast, where, labels, inner_steps, inner_lr,
                                  inner_clip, inner_checkpoint)
     top_checkpoint = inner_checkpoint if inner_steps > 0 else checkpoint
@@ -285,7 +287,10 @@ def attention_diagnostics(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask:
             sink_total += probs[..., sink_keys[b]].sum(-1).mean().item()
             content_total += probs[..., content_keys[b]].sum(-1).mean().item()
             n += 1
-        h = layer(h, cos, sin, mask, (fast or {}).get(i))
+        # The layer's parts rather than the layer: under FSDP, calling a layer module runs its hooks,
+        # which would reshard the weights gathered for this measurement.
+        h = h + att(x, cos, sin, mask)
+        h = h + layer.mlp(layer.post_attention_layernorm(h), (fast or {}).get(i))
     return {"sink_mass": sink_total / max(n, 1), "context_engagement": content_total / max(n, 1)}
 
 
@@ -346,24 +351,28 @@ class Run:
     local_rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fsdp: bool = False  # parameters, gradients and optimizer states sharded over the ranks
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(device_flag: str) -> Run:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain python runs one process with no group."""
+def setup_distributed(device_flag: str, fsdp: bool = False) -> Run:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain python runs one process with no group (FSDP
+    needs one: a single-process group then)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    backend = "nccl" if use_cuda else "gloo"
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
-    return Run(rank, local_rank, world, device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    elif fsdp:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Run(rank, local_rank, world, device, fsdp)
 
 
 def all_reduce_sum(values: list[float], run: Run) -> list[float]:
@@ -379,6 +388,73 @@ def broadcast_str(text: str, run: Run) -> str:
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def parallelize(objective: Objective, run: Run, compute_dtype: torch.dtype) -> nn.Module:
+    """The one place data parallelism is set up; the loop is the same for both.
+
+    DDP (several processes): every rank holds the whole model; gradients are all-reduced.
+    FSDP2 (--fsdp): each decoder layer, then the rest of the model (embeddings, final norm, lm_head,
+    under the objective), is sharded over the ranks: parameters are gathered for each layer's forward
+    and backward and the gradients reduce-scattered; the weights and AdamW states stay in fp32 (the
+    master copy) while the forward runs in `compute_dtype`. The fast weights are created inside the
+    step, per rank, from the activations' dtype: they are never sharded nor reduced."""
+    if run.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(run.device.type, (run.world,))
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for layer in objective.model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+            for method in ("attention_block", "ffn_block"):  # the halves the inner loop calls directly
+                register_fsdp_forward_method(layer, method)
+        fully_shard(objective, mesh=mesh, mp_policy=policy)
+        return objective
+    if run.world > 1:
+        # Gradients as views into DDP's communication buckets: no second copy of the gradients.
+        return nn.parallel.DistributedDataParallel(
+            objective, device_ids=[run.device] if run.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return objective
+
+
+def fsdp_units(objective: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in objective.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(objective: nn.Module, run: Run):
+    """Under FSDP, all parameters gathered on every rank (for the diagnostics, which use the layers'
+    parts directly); a no-op otherwise. Every rank must enter it."""
+    units = fsdp_units(objective) if run.fsdp else []
+    layers = [unit for unit in units if unit is not objective]
+    for unit in layers:  # calling a layer would otherwise reshard it when it returns
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in layers:
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state(model: nn.Module, run: Run, dtype: torch.dtype | None = None) -> dict[str, Tensor] | None:
+    """The model's whole state dict on rank 0 (None elsewhere), optionally cast. Under FSDP each
+    tensor is all-gathered in turn (every rank must call this) and copied to the CPU on rank 0, so no
+    rank ever holds a second full copy on the accelerator."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t.detach()
+        if run.main:
+            state[name] = (t.to(dtype) if dtype is not None else t).to("cpu", copy=run.fsdp)
+    return state if run.main else None
 
 
 def replicas_agree(model: nn.Module, run: Run) -> bool:
@@ -406,15 +482,16 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(model: Qwen2ForCausalLM, directory: Path, tokenizer_dir: Path, eos_ids: list[int]) -> None:
+def export(state: dict[str, Tensor], model: Qwen2ForCausalLM, directory: Path, tokenizer_dir: Path,
+           eos_ids: list[int]) -> None:
     """An HF checkpoint (weights, config, generation config with the chat EOS ids, tokenizer files),
     loadable by transformers and vLLM, written to a temporary directory and renamed into place.
-    Fast weights are never part of the model, so never saved."""
+    `state` is the model's full state dict (see full_state). Fast weights are never part of the
+    model, so never saved."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        qwen2.save_weights(model.state_dict(), model.config, tmp,
-                           {**model.generation_config, "eos_token_id": eos_ids})
+        qwen2.save_weights(state, model.config, tmp, {**model.generation_config, "eos_token_id": eos_ids})
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                      "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json"):
             if (tokenizer_dir / name).is_file():
@@ -432,7 +509,7 @@ def export(model: Qwen2ForCausalLM, directory: Path, tokenizer_dir: Path, eos_id
 TRAJECTORY = ("model", "data", "max_len", "skip_bad_samples", "inner_steps", "inner_lr", "inner_clip", "rank",
               "alpha", "layer_fraction", "targets", "no_bilevel", "causal", "epochs", "max_steps", "lr",
               "weight_decay", "warmup_ratio", "grad_clip", "micro_batch", "grad_accum", "loss_norm", "seed",
-              "dtype")
+              "dtype", "fsdp")
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -458,13 +535,17 @@ def save_training_checkpoint(out: Path, step: int, model: nn.Module, optimizer, 
             failed = 1.0
     barrier(run)
     if not all_reduce_sum([failed], run)[0]:
+        weights = full_state(model, run)  # a collective under FSDP: before anything can fail
         try:
             rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             torch.save(rng, tmp / f"rng-rank{run.rank}.pt")
-            if run.main:
-                qwen2.save_weights(model.state_dict(), model.config, tmp)
+            if run.fsdp:  # each rank's shard of the AdamW states, as plain tensors
+                torch.save(local_optimizer_state(optimizer), tmp / f"optimizer-rank{run.rank}.pt")
+            elif run.main:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if run.main:
+                qwen2.save_weights(weights, model.config, tmp)
                 trainer = {"step": step, "world_size": run.world, "args": vars(args), **state}
                 (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         except OSError as e:
@@ -481,6 +562,32 @@ def save_training_checkpoint(out: Path, step: int, model: nn.Module, optimizer, 
                 shutil.rmtree(old, ignore_errors=True)
     barrier(run)
     return None if failed else final
+
+
+def local_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with each sharded (DTensor) state replaced by this rank's shard."""
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd
+
+
+def load_optimizer_state(optimizer, ckpt: Path, run: Run) -> None:
+    if not run.fsdp:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=run.device, weights_only=True))
+        return
+    from torch.distributed.tensor import DTensor
+
+    sd = torch.load(ckpt / f"optimizer-rank{run.rank}.pt", map_location=run.device, weights_only=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, st in sd["state"].items():  # shards back into DTensors laid out like their parameters
+        p = params[int(i)]
+        for k, v in st.items():
+            if isinstance(p, DTensor) and v.dim() > 0:
+                st[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(sd)
 
 
 def restore_rng(ckpt: Path, run: Run) -> None:
@@ -582,6 +689,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="activation checkpointing of the layers with fast weights too, in both loops "
                         "(less memory, slower)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and AdamW states over the processes (FSDP2) with fp32 master "
+                        "weights, computing in --dtype; default: DDP with everything in --dtype")
     g = p.add_argument_group("output")
     g.add_argument("--save-every", type=int, default=0,
                    help="also export an HF checkpoint (step-N/) every N steps (0: off)")
@@ -641,7 +751,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run = setup_distributed(args.device)
+    run = setup_distributed(args.device, args.fsdp)
     try:
         train(args, run)
     finally:
@@ -670,7 +780,9 @@ def train(args: argparse.Namespace, run: Run) -> None:
         fail(e.problems[0] if isinstance(e, data.DataError) else str(e))
     try:
         samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
-        model = qwen2.from_pretrained(ckpt or model_dir, dtype=dtype, device=run.device)
+        # FSDP keeps fp32 master weights and computes in `dtype`; DDP computes in the weights' dtype.
+        model = qwen2.from_pretrained(ckpt or model_dir, dtype=torch.float32 if args.fsdp else dtype,
+                                      device=run.device)
     except (qwen2.CheckpointError, data.DataError) as e:
         fail(str(e))
     if tokenizer.get_vocab_size() > model.config.vocab_size:
@@ -702,18 +814,15 @@ def train(args: argparse.Namespace, run: Run) -> None:
     if run.main:
         print(stats.summary())
 
-    # -- optimizer, schedule, DDP ------------------------------------------------------------------
+    # -- DDP or FSDP, then the optimizer over the (possibly sharded) parameters ----------------------
+    objective = parallelize(Objective(model, method), run, dtype)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=run.device.type == "cuda")
     step, bad_total, bad_run = 0, 0, 0
     if ckpt:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=run.device, weights_only=True))
+        load_optimizer_state(optimizer, ckpt, run)
         restore_rng(ckpt, run)
         step, bad_total, bad_run = trainer_state["step"], trainer_state["bad_steps"], trainer_state["bad_run"]
-    objective = Objective(model, method)
-    if run.world > 1:
-        objective = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[run.device] if run.device.type == "cuda" else None)
     if run.main:
         top = adapted_layers(model.config.num_hidden_layers, args.layer_fraction)
         inner = f"fast weights on layers {top.start}..{top.stop - 1}" if method["inner_steps"] else "no inner loop"
@@ -722,11 +831,13 @@ def train(args: argparse.Namespace, run: Run) -> None:
               + (f"\nresuming from {ckpt} (step {step})" if ckpt else ""))
 
     def diagnose(batch: dict, fast: FastWeights | None, at: int) -> dict:
+        """On rank 0's micro-batch; under FSDP every rank computes it (the weights are gathered)."""
         mask = None if args.causal else hybrid_mask(batch["loss_mask"], batch["attention_mask"])
         inputs = (batch["input_ids"], batch["loss_mask"], batch["attention_mask"], mask)
-        row = {"step": at, "attn_base": attention_diagnostics(model, *inputs)}
-        if fast is not None:
-            row["attn_fast"] = attention_diagnostics(model, *inputs, fast)
+        with gathered(objective, run):
+            row = {"step": at, "attn_base": attention_diagnostics(model, *inputs)}
+            if fast is not None:
+                row["attn_fast"] = attention_diagnostics(model, *inputs, fast)
         return row
 
     def log(row: dict) -> None:
@@ -761,7 +872,11 @@ def train(args: argparse.Namespace, run: Run) -> None:
             if isinstance(objective, nn.parallel.DistributedDataParallel):
                 objective.require_backward_grad_sync = j == len(group) - 1
             gen = fast_weight_generator(args.seed, epoch, (first + j) * run.world + run.rank)
+            if run.fsdp:  # the embeddings and lm_head stay gathered through the inner backward passes
+                objective.set_reshard_after_backward(False, recurse=False)
             res = objective(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], gen)
+            if run.fsdp:
+                objective.set_reshard_after_backward(True, recurse=False)
             # DDP averages gradients over ranks, hence the factor world. An empty slot at the end of
             # an epoch (fewer micro-batches than ranks) runs for DDP's sake and counts for nothing.
             if not mb:
@@ -775,13 +890,15 @@ def train(args: argparse.Namespace, run: Run) -> None:
                 inner = res.inner_losses or [0.0]
                 sums = [sums[0] + res.loss.item(), sums[1] + inner[0], sums[2] + inner[-1],
                         sums[3] + int(batch["attention_mask"].sum())]
+            if mb or last_batch is None:
                 last_batch = (batch, res.fast)
-            if run.main and step == 0 and j == 0:  # the start of training, before any update
+            if (run.main or run.fsdp) and step == 0 and j == 0:  # the start of training, before any update
                 t_diag = time.perf_counter()
                 log(diagnose(batch, res.fast, 0))
                 t0 += time.perf_counter() - t_diag  # not part of the step time
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip > 0
-                          else torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip > 0
+                     else torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         # One all-reduce carries the metrics and any stop request, so all ranks decide alike.
         loss, in_first, in_last, tokens, stopping = all_reduce_sum([*sums, float(stop.signal is not None)], run)
         lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
@@ -812,7 +929,8 @@ def train(args: argparse.Namespace, run: Run) -> None:
             if run.main:
                 tqdm.write(f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
                            f"({bad_run} in a row); samples: {', '.join(row['samples'])}")
-        if run.main and finite and (step == total_steps or (args.attn_every and step % args.attn_every == 0)):
+        if (run.main or run.fsdp) and finite and (step == total_steps or
+                                                  (args.attn_every and step % args.attn_every == 0)):
             row.update({k: v for k, v in diagnose(*last_batch, step).items() if k != "step"})
         log(row)
         if run.main:
@@ -834,18 +952,21 @@ def train(args: argparse.Namespace, run: Run) -> None:
             return
         if args.ckpt_every and step % args.ckpt_every == 0 and step < total_steps:
             checkpoint(step)
-        if run.main and args.save_every and step % args.save_every == 0 and step < total_steps:
-            try:
-                export(model, out / f"step-{step}", model_dir, eos_ids)
-            except OSError as e:
-                tqdm.write(f"focusft.py: warning: export {out / f'step-{step}'} failed ({e}); training goes on")
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            state = full_state(model, run, dtype)  # every rank: a collective under FSDP
+            if run.main:
+                try:
+                    export(state, model, out / f"step-{step}", model_dir, eos_ids)
+                except OSError as e:
+                    tqdm.write(f"focusft.py: warning: export {out / f'step-{step}'} failed ({e}); training goes on")
     bar.close()
-    if run.world > 1 and not replicas_agree(model, run):
+    if run.world > 1 and not run.fsdp and not replicas_agree(model, run):
         fail("the ranks' weights differ after training (DDP desynchronised); the export would be wrong")
     error = None
+    state = full_state(model, run, dtype)
     if run.main:
         try:
-            export(model, out / "final", model_dir, eos_ids)
+            export(state, model, out / "final", model_dir, eos_ids)
         except OSError as e:
             error = f"writing {out / 'final'} failed ({e.strerror or e})"
     if broadcast_str(error or "", run):  # never lose the trained weights: keep them as a checkpoint
@@ -853,7 +974,8 @@ def train(args: argparse.Namespace, run: Run) -> None:
         fail(f"{error}; " + (f"the trained weights are in {saved}" if saved else "no checkpoint could be written"))
     if run.main:
         print(diagnostics_table([r for r in read_metrics(out / "metrics.jsonl") if "attn_base" in r]))
-        print(f"done: {step} steps on {run.world} process(es), weights identical on every rank"
+        layout = f"sharded (FSDP) over {run.world}" if run.fsdp else "weights identical on every rank"
+        print(f"done: {step} steps on {run.world} process(es), {layout}"
               f"{f', {bad_total} skipped non-finite step(s)' if bad_total else ''}; checkpoint {out / 'final'}, "
               f"metrics {out / 'metrics.jsonl'}")
     barrier(run)

@@ -534,7 +534,7 @@ def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path}: is a file; expected a checkpoint directory or a hub id")
     text = str(path_or_hub_id)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or path.parent.is_dir():
         raise CheckpointError(f"{text}: no such directory (and not a hub id of the form org/name)")
     from huggingface_hub import snapshot_download
     try:
