@@ -115,7 +115,8 @@ def _parse_tools(tools: Any) -> list:
 
 
 def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+             int: "an integer", float: "a number"}
     return names.get(type(value), f"a {type(value).__name__}")
 
 

@@ -738,8 +738,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fail(message: str) -> None:
-    """One clear message (a line, or the data problem list), exit status 1, no traceback."""
-    print(f"focusft.py: error: {message}", file=sys.stderr)
+    """One clear message (a line, or the data problem list), exit status 1, no traceback. Under
+    torchrun rank 0 prints it whole and the other ranks its first line only, each in one write so
+    the ranks' messages never interleave."""
+    rank = int(os.environ.get("RANK", "0"))
+    text = f"focusft.py: error: {message}" if rank == 0 else f"focusft.py: error (rank {rank}): " + message.split(
+        "\n")[0]
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
     sys.exit(1)
 
 
