@@ -68,6 +68,13 @@ def make_batch(seq: int, vocab: int, response_fraction: float, turns: int, devic
             "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device)}
 
 
+def build(args) -> tuple[qwen2.Qwen2ForCausalLM, dict]:
+    """The random model and the batch every variant runs on."""
+    device = torch.device(args.device)
+    model = qwen2.random_model(make_config(args), seed=0, dtype=args.dtype, device=device)
+    return model, make_batch(args.seq, model.config.vocab_size, args.response_fraction, args.turns, device)
+
+
 def step_fn(variant: str, model, batch: dict, args):
     kw = dict(inner_steps=0 if variant == "sft" else args.inner_steps, layer_fraction=args.layer_fraction,
               rank=args.rank, alpha=args.alpha, causal=args.causal, checkpoint=args.grad_ckpt)
@@ -123,9 +130,8 @@ def peak_rss_mb() -> float:
 
 def measure_memory_here(variant: str, args) -> float:
     """Peak memory (MB) of one step of `variant` in this process (see the module docstring)."""
-    device = torch.device(args.device)
-    model = qwen2.random_model(make_config(args), seed=0, dtype=args.dtype, device=device)
-    batch = make_batch(args.seq, model.config.vocab_size, args.response_fraction, args.turns, device)
+    model, batch = build(args)
+    device = model.device
     step = step_fn(variant, model, batch, args)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -207,10 +213,8 @@ def main(argv=None) -> dict:
         print(json.dumps({"peak_mb": measure_memory_here(args.measure_memory_of, args)}))
         return {}
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    config = make_config(args)
-    model = qwen2.random_model(config, seed=0, dtype=args.dtype, device=device)
-    batch = make_batch(args.seq, config.vocab_size, args.response_fraction, args.turns, device)
+    model, batch = build(args)
+    device, config = model.device, model.config
     n_targets = int(focusft.targets_of(batch["input_ids"], batch["loss_mask"],
                                        batch["attention_mask"])[1].numel())
     steps = {v: step_fn(v, model, batch, args) for v in args.variants}

@@ -440,11 +440,14 @@ class Qwen2ForCausalLM(nn.Module):
         cos, sin = self.rope(positions, h.dtype)
         for i in range(start, end):
             layer, f = self.model.layers[i], (fast or {}).get(i)
-            block, args = (layer.ffn_block, (h, f)) if ffn_first and i == start else (layer, (h, cos, sin, mask, f))
-            if checkpoint and torch.is_grad_enabled():
-                h = activation_checkpoint(block, *args, use_reentrant=False)
+            if ffn_first and i == start:  # h is already past this layer's attention half
+                call, args = layer.ffn_block, (h, f)
             else:
-                h = block(*args) if block is not layer else layer(*args, cache)
+                call, args = layer, (h, cos, sin, mask, f, cache)
+            if checkpoint and torch.is_grad_enabled():
+                h = activation_checkpoint(call, *args, use_reentrant=False)
+            else:
+                h = call(*args)
         return h
 
     def run_attention(self, h: Tensor, layer: int, *, mask=None, positions: Tensor | None = None) -> Tensor:
