@@ -189,10 +189,24 @@ def parse_args(argv=None):
                    help="instead of timing, print torch.profiler's table of one step of this variant")
     g.add_argument("--measure-memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    if not 0 < args.response_fraction < 1:
-        p.error("--response-fraction must be in (0, 1)")
+    checks = [
+        (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is available"),
+        (not 0 < args.response_fraction < 1, "--response-fraction must be in (0, 1)"),
+        (args.seq < 2 * args.turns, "--seq must hold at least two tokens per turn"),
+        (min(args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab, args.turns) < 1,
+         "--hidden, --intermediate, --layers, --heads, --kv-heads, --vocab and --turns must be >= 1"),
+        (args.inner_steps < 0, "--inner-steps must be >= 0"),
+        (not 0 < args.layer_fraction <= 1, "--layer-fraction must be in (0, 1]"),
+        (args.repeats < 1 or args.warmup < 0, "--repeats must be >= 1 and --warmup >= 0"),
+    ]
+    for failed, message in checks:
+        if failed:
+            p.error(message)
+    if args.model:
+        try:
+            qwen2.Qwen2Config.from_json(qwen2.checkpoint_dir(args.model) / "config.json")
+        except qwen2.CheckpointError as e:
+            p.error(f"--model: {e}")
     return args
 
 

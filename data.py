@@ -1058,7 +1058,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- {s.source} ({len(s)} tokens)\n{_show_sample(tok, s, sys.stdout.isatty())}")
             print(stats.summary())
     except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One problem (a tokenizer, a file) is one line; the data's problems are listed.
+        message = e.problems[0] if isinstance(e, DataError) and len(e.problems) == 1 and not re.search(
+            r":\d+: ", e.problems[0]) else str(e)
+        print(f"data.py: error: {message}", file=sys.stderr)
         if isinstance(e, DataError) and all(re.search(r":\d+: ", p) for p in e.problems):
             print("(--skip-bad-samples skips bad records and counts them)", file=sys.stderr)
         return 1

@@ -209,10 +209,23 @@ def test_layer_fraction_adapting_nothing(tiny, tmp_path, capsys):
     assert "--layer-fraction 1e-20 adapts no layer of a 4-layer model" in one_line(err, "focusft.py")
 
 
-def test_bench_bad_flag(capsys):
-    case("bench.py bad flag")
-    code, err = run_cli(capsys, bench.main, ["--response-fraction", "2"])
-    assert "--response-fraction must be in (0, 1)" in one_line(err, "bench.py")
+@pytest.mark.parametrize("flags, message", [
+    (["--response-fraction", "2"], "--response-fraction must be in (0, 1)"),
+    (["--seq", "0"], "--seq must hold at least two tokens per turn"),
+    (["--model", "/nonexistent-model"], "--model: /nonexistent-model: no such directory"),
+], ids=[case("bench.py --response-fraction 2"), case("bench.py --seq 0"), case("bench.py --model missing")])
+def test_bench_bad_flag(capsys, flags, message):
+    code, err = run_cli(capsys, bench.main, flags)
+    assert message in one_line(err, "bench.py")
+
+
+def test_data_check_missing_tokenizer(tmp_path, capsys):
+    case("data.py check: tokenizer missing")
+    good = tmp_path / "d.jsonl"
+    good.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    assert data.main(["check", "--data", str(good), "--tokenizer", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("data.py: error: ") and "tokenizer file not found" in err
 
 
 # ---------------------------------------------------------------------------------------------- eval_babilong.py

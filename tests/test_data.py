@@ -875,7 +875,7 @@ def test_cli_check_bad_data_exits_nonzero_without_traceback(small_dir, bad_file)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "--skip-bad-samples skips" in result.stderr
-    expected = f"error: {len(BAD_LINES)} problems in the data:\n{bad_file}:2: invalid JSON"
+    expected = f"data.py: error: {len(BAD_LINES)} problems in the data:\n{bad_file}:2: invalid JSON"
     assert result.stderr.startswith(expected)
 
 
