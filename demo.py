@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 import data
 import eval_babilong
+import focusft
 import qwen2
 
 ROOT = Path(__file__).resolve().parent
@@ -349,7 +350,7 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         raise DemoError(f"{path}: missing (the training run wrote no metrics)")
     try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return focusft.read_metrics(path)
     except json.JSONDecodeError as e:
         raise DemoError(f"{path}: not JSON Lines ({e})") from None
 

@@ -146,7 +146,6 @@ class StepOutput:
     loss: Tensor  # the outer loss, ready for backward (gradients reach theta only)
     inner_losses: list[float]  # L(theta, phi_k) for k = 0..K-1
     fast: FastWeights | None  # phi_K (None for plain SFT), for diagnostics
-    n_targets: int  # response tokens the loss averages over
 
 
 def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor, *,
@@ -174,7 +173,7 @@ def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, 
                                  inner_clip, inner_checkpoint)
     top_checkpoint = inner_checkpoint if inner_steps > 0 else checkpoint
     loss = response_loss(model, h, start, mask, fast, where, labels, top_checkpoint)  # phi_K constant
-    return StepOutput(loss, [x.item() for x in inner], fast, int(labels.numel()))
+    return StepOutput(loss, [x.item() for x in inner], fast)
 
 
 def focusft_loss(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor, *,
@@ -492,8 +491,7 @@ def export(state: dict[str, Tensor], model: Qwen2ForCausalLM, directory: Path, t
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         qwen2.save_weights(state, model.config, tmp, {**model.generation_config, "eos_token_id": eos_ids})
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json"):
+        for name in qwen2.TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, tmp / name)
         replace_dir(tmp, directory)
@@ -858,13 +856,15 @@ def train(args: argparse.Namespace, run: Run) -> None:
     from tqdm import tqdm
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=step, disable=not run.main, dynamic_ncols=True, desc=name)
-    last_batch = None
+    last_batch, micro_epoch, micro = None, None, []
     while step < total_steps:
         # The position of `step` in the data: epoch, then the first micro-batch of this step.
         epoch, first = step // steps_per_epoch, (step % steps_per_epoch) * args.grad_accum
         if epoch >= args.epochs:
             break
-        micro = data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, epoch)
+        if epoch != micro_epoch:  # this rank's micro-batches, once per epoch
+            micro_epoch = epoch
+            micro = data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, epoch)
         group = micro[first:first + args.grad_accum]
         t0 = time.perf_counter()
         batches = [data.collate([samples[i] for i in mb] or [samples[0]], pad_id) for mb in group]

@@ -521,9 +521,11 @@ def random_model(config: Qwen2Config, seed: int = 0, dtype: str | torch.dtype | 
     return _assign(model, tensors)
 
 
+# The tokenizer files a checkpoint directory may carry (exports copy them along).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
 _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-              "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-              "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja"]
+              *TOKENIZER_FILES]
 
 
 def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
