@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -118,11 +117,6 @@ def flops_per_step(config: qwen2.Qwen2Config, seq: int, variant: str, args, n_ta
     return L * layer * train + inner + head * seq * 3
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def peak_rss_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
@@ -148,7 +142,7 @@ def measure_memory_here(variant: str, args) -> float:
     # step's alone (ru_maxrss would also carry the parent's size from before exec).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = rss_mb()
+    base = peak_rss_mb()  # the mark just reset: the resident size now, from the same counter as the peak
     step()
     return peak_rss_mb() - base
 
