@@ -1,0 +1,482 @@
+"""LongBench (v1) evaluation with the benchmark's prompts, truncation and scoring.
+
+    # the paper's four QA tasks at 8K (LongBench's 7500-token prompt budget), from the hub (cached)
+    python eval_longbench.py --model Qwen/Qwen2.5-7B --out runs/longbench/qwen2.5-7b
+    # a chat-tuned checkpoint: QA prompts wrapped in Qwen's chat format after truncation
+    python eval_longbench.py --model CHECKPOINT_DIR --chat-template --out runs/longbench/focusft
+    # every English task scored with LongBench's qa_f1_score, plus trec, passage_count, passage_retrieval_en
+    python eval_longbench.py --model DIR --tasks narrativeqa qasper multifieldqa_en hotpotqa 2wikimqa \\
+        musique triviaqa --out runs/longbench/qa7
+    # offline: the hub cache (HF_HUB_OFFLINE=1), or LongBench's unzipped data/ folder (<task>.jsonl)
+    python eval_longbench.py --model DIR --data-dir longbench/data --out runs/longbench/mine
+    # re-score a folder of predictions in LongBench's layout (ours or LongBench's pred/<model>/)
+    python eval_longbench.py --score-dir runs/longbench/qwen2.5-7b
+
+The protocol is LongBench's (THUDM/LongBench, folder LongBench/: pred.py, eval.py, metrics.py and
+config/*.json): each task's prompt template filled with the sample's `context` and `input`; the
+formatted prompt cut in the middle to --max-length tokens (its first and last int(max_length/2)
+tokens, each half decoded, the two strings joined and encoded again) and only then wrapped in the chat
+format (QA tasks only); greedy decoding of at most the task's max new tokens; the prediction is the
+new text. A sample's score is the best over its reference answers; a task's score is the mean x 100,
+rounded to two decimals. Predictions are written as LongBench writes them: `<task>.jsonl` with one
+{"pred", "answers", "all_classes", "length"} object per sample, so LongBench's own eval.py reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath
+
+import huggingface_hub
+import tokenizers
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+import data
+
+PROG = "eval_longbench.py"
+
+
+class EvalError(Exception):
+    """A problem the user can fix (bad flag, missing file, ...). The message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark's facts: prompt templates, max new tokens, metrics, task lists
+
+# The prompt templates, verbatim from LongBench/config/dataset2prompt.json (THUDM/LongBench @ 2e00731),
+# typos included ("asconcisely" in narrativeqa, the leading space of qasper's second instruction):
+# the text is the benchmark. Only the string literals are split, to keep lines short.
+PROMPTS: dict[str, str] = {
+    "narrativeqa": (
+        "You are given a story, which can be either a novel or a movie script, and a question. "
+        "Answer the question asconcisely as you can, using a single phrase if possible. "
+        "Do not provide any explanation.\n\nStory: {context}\n\n"
+        "Now, answer the question based on the story asconcisely as you can, using a single phrase if possible. "
+        "Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"
+    ),
+    "qasper": (
+        "You are given a scientific article and a question. Answer the question as concisely as you can, "
+        "using a single phrase or sentence if possible. If the question cannot be answered based on the "
+        "information in the article, write \"unanswerable\". If the question is a yes/no question, answer "
+        "\"yes\", \"no\", or \"unanswerable\". Do not provide any explanation.\n\nArticle: {context}\n\n"
+        " Answer the question based on the above article as concisely as you can, using a single phrase or "
+        "sentence if possible. If the question cannot be answered based on the information in the article, "
+        "write \"unanswerable\". If the question is a yes/no question, answer \"yes\", \"no\", or "
+        "\"unanswerable\". Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"
+    ),
+    "multifieldqa_en": (
+        "Read the following text and answer briefly.\n\n{context}\n\n"
+        "Now, answer the following question based on the above text, only give me the answer and do not "
+        "output any other words.\n\nQuestion: {input}\nAnswer:"
+    ),
+    "hotpotqa": (
+        "Answer the question based on the given passages. Only give me the answer and do not output any other "
+        "words.\n\nThe following are given passages.\n{context}\n\n"
+        "Answer the question based on the given passages. Only give me the answer and do not output any other "
+        "words.\n\nQuestion: {input}\nAnswer:"
+    ),
+    "trec": (
+        "Please determine the type of the question below. Here are some examples of questions.\n\n"
+        "{context}\n{input}"
+    ),
+    "triviaqa": (
+        "Answer the question based on the given passage. Only give me the answer and do not output any other "
+        "words. The following are some examples.\n\n{context}\n\n{input}"
+    ),
+    "passage_count": (
+        "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please "
+        "carefully read these paragraphs and determine how many unique paragraphs there are after removing "
+        "duplicates. In other words, how many non-repeating paragraphs are there in total?\n\n{context}\n\n"
+        "Please enter the final count of unique paragraphs after removing duplicates. The output format "
+        "should only contain the number, such as 1, 2, 3, and so on.\n\nThe final answer is: "
+    ),
+    "passage_retrieval_en": (
+        "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the "
+        "abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\n"
+        "Please enter the number of the paragraph that the abstract is from. The answer format must be like "
+        "\"Paragraph 1\", \"Paragraph 2\", etc.\n\nThe answer is: "
+    ),
+}
+# 2WikiMQA and MuSiQue use HotpotQA's template word for word.
+PROMPTS["2wikimqa"] = PROMPTS["musique"] = PROMPTS["hotpotqa"]
+
+# LongBench/config/dataset2maxlen.json: new tokens generated at most, per task.
+MAX_NEW_TOKENS: dict[str, int] = {
+    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32,
+    "trec": 64, "triviaqa": 32, "passage_count": 32, "passage_retrieval_en": 32,
+}
+
+# The tasks this script runs, in LongBench's order (pred.py's list, less what it cannot score yet).
+TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "trec", "triviaqa",
+         "passage_count", "passage_retrieval_en")
+PAPER_TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa")  # FocuSFT's LongBench QA at 8K
+# LongBench tasks whose metric needs a package this project does not depend on (rouge, jieba, fuzzywuzzy).
+NOT_IMPLEMENTED = {
+    "multifieldqa_zh": "qa_f1_zh_score (jieba)", "dureader": "rouge_zh_score (jieba, rouge)",
+    "gov_report": "rouge_score", "qmsum": "rouge_score", "multi_news": "rouge_score",
+    "vcsum": "rouge_zh_score (jieba, rouge)", "samsum": "rouge_score", "lsht": "classification_score (Chinese)",
+    "passage_retrieval_zh": "retrieval_zh_score", "lcc": "code_sim_score (fuzzywuzzy)",
+    "repobench-p": "code_sim_score (fuzzywuzzy)",
+}
+# pred.py: "chat models are better off without build prompts on these tasks" (few-shot / completion).
+NO_CHAT_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
+# eval.py: the prediction of these tasks is cut to its first line (after leading newlines) before scoring.
+FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
+DEFAULT_MAX_LENGTH = 7500  # LongBench/config/model2maxlen.json: the prompt budget of its 8K models
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (LongBench/metrics.py's definitions)
+
+
+def normalize_answer(text: str) -> str:
+    """LongBench's (and SQuAD's) normalisation, in its order: lower-case, drop ASCII punctuation, replace
+    the articles a/an/the by a space, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def token_f1(prediction: list[str], reference: list[str]) -> float:
+    """F1 of two token multisets: overlap counts each token min(times in prediction, times in reference)."""
+    overlap = sum((Counter(prediction) & Counter(reference)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(prediction), overlap / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1_score(prediction: str, ground_truth: str) -> float:
+    """Token F1 of the normalised prediction against one reference answer."""
+    return token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
+
+
+def count_score(prediction: str, ground_truth: str) -> float:
+    """passage_count: the fraction of the numbers in the prediction that equal the answer."""
+    numbers = re.findall(r"\d+", prediction)
+    return sum(n == str(ground_truth) for n in numbers) / len(numbers) if numbers else 0.0
+
+
+def retrieval_score(prediction: str, ground_truth: str) -> float:
+    """passage_retrieval_en: the fraction of the numbers in the prediction that equal the paragraph
+    number of the answer ("Paragraph 12")."""
+    target = re.findall(r"Paragraph (\d+)", ground_truth)[0]
+    numbers = re.findall(r"\d+", prediction)
+    return sum(n == target for n in numbers) / len(numbers) if numbers else 0.0
+
+
+def classification_score(prediction: str, ground_truth: str, all_classes: list[str]) -> float:
+    """trec: the class names found in the prediction (substring match); names that are part of the answer
+    without being it are dropped; 1/len(found) if the answer is among them, else 0.
+
+    The dropping walks the list by index while removing from it, as LongBench's loop over a list it
+    mutates does, so the entry right after a removed one is never examined (kept: it is the benchmark)."""
+    found = [c for c in all_classes if c in prediction]
+    i = 0
+    while i < len(found):
+        term = found[i]
+        if term in ground_truth and term != ground_truth:
+            found.remove(term)
+        i += 1
+    return 1.0 / len(found) if ground_truth in found else 0.0
+
+
+# LongBench/eval.py's dataset2metric, for the tasks above.
+METRICS = {
+    "narrativeqa": "qa_f1_score", "qasper": "qa_f1_score", "multifieldqa_en": "qa_f1_score",
+    "hotpotqa": "qa_f1_score", "2wikimqa": "qa_f1_score", "musique": "qa_f1_score", "triviaqa": "qa_f1_score",
+    "trec": "classification_score", "passage_count": "count_score", "passage_retrieval_en": "retrieval_score",
+}
+
+
+def sample_score(task: str, prediction: str, answers: list[str], all_classes: list[str] | None = None) -> float:
+    """One sample's score: the best over its reference answers (0 when none matches)."""
+    if task in FIRST_LINE_TASKS:
+        prediction = prediction.lstrip("\n").split("\n")[0]
+    metric = METRICS[task]
+    best = 0.0
+    for answer in answers:
+        if metric == "qa_f1_score":
+            s = qa_f1_score(prediction, answer)
+        elif metric == "classification_score":
+            s = classification_score(prediction, answer, all_classes or [])
+        elif metric == "count_score":
+            s = count_score(prediction, answer)
+        else:
+            s = retrieval_score(prediction, answer)
+        best = max(best, s)
+    return best
+
+
+def task_score(task: str, rows: list[dict]) -> float:
+    """eval.py's score of a task: the samples' scores summed, x 100 / count, rounded to two decimals.
+    Rows have LongBench's prediction fields pred, answers, all_classes."""
+    if not rows:
+        raise EvalError(f"{task}: no predictions to score")
+    total = sum(sample_score(task, r["pred"], r["answers"], r.get("all_classes")) for r in rows)
+    return round(100 * total / len(rows), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and truncation
+
+
+def build_prompt(task: str, sample: dict) -> str:
+    """The task's template filled with the sample's context and question (LongBench: template.format(**sample))."""
+    if task not in PROMPTS:
+        raise EvalError(f"unknown task {task!r} (this script runs: {' '.join(TASKS)})")
+    return PROMPTS[task].format(context=sample["context"], input=sample["input"])
+
+
+def truncate_middle(ids: list[int], max_length: int) -> list[int]:
+    """At most max_length tokens: unchanged if it fits, else the first and the last int(max_length / 2)
+    tokens (pred.py keeps both ends because instructions sit at the start and the question at the end)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (got {max_length})")
+    if len(ids) <= max_length:
+        return list(ids)
+    half = int(max_length / 2)
+    return list(ids[:half]) + list(ids[-half:])
+
+
+def truncate_prompt(tokenizer: tokenizers.Tokenizer, prompt: str, max_length: int) -> str:
+    """pred.py's truncation of a formatted prompt: encoded, cut in the middle (truncate_middle), each kept
+    half decoded without special tokens and the two strings joined. The caller encodes the result again,
+    so a few tokens can merge (or split) at the seam: the budget is LongBench's, not an exact count."""
+    ids = tokenizer.encode(prompt).ids
+    if len(ids) <= max_length:
+        return prompt
+    half = int(max_length / 2)
+    kept = truncate_middle(ids, max_length)
+    return (tokenizer.decode(kept[:half], skip_special_tokens=True)
+            + tokenizer.decode(kept[half:], skip_special_tokens=True))
+
+
+def model_input(task: str, sample: dict, tokenizer: tokenizers.Tokenizer, max_length: int,
+                chat_template: bool) -> str:
+    """The text the model reads: the prompt, truncated, then (QA tasks, --chat-template) one user turn in
+    Qwen's chat format ending in the assistant header. Wrapping comes after truncation, as in pred.py, so
+    the chat tokens are outside the budget and never cut."""
+    text = truncate_prompt(tokenizer, build_prompt(task, sample), max_length)
+    if chat_template and task not in NO_CHAT_TASKS:
+        text = data.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: LongBench's <task>.jsonl files, from the hub's data.zip, a local folder or a local zip
+
+HUB_DATASET = "THUDM/LongBench"
+HUB_FILE = "data.zip"  # unzips to data/<task>.jsonl (and data/<task>_e.jsonl for LongBench-E)
+
+
+def parse_samples(lines: Iterable[str], where: str) -> list[dict]:
+    """LongBench's records (input, context, answers, length, all_classes, ...) from JSON lines; one clear
+    error naming the file and line for a record the evaluation could not use."""
+    samples = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{where}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise EvalError(f"{where}:{n}: expected a JSON object")
+        missing = [k for k in ("input", "context", "answers") if k not in row]
+        if missing:
+            raise EvalError(f"{where}:{n}: missing field(s) {', '.join(missing)} (LongBench's records have "
+                            f"input, context, answers, length, all_classes)")
+        if not isinstance(row["input"], str) or not isinstance(row["context"], str):
+            raise EvalError(f"{where}:{n}: input and context must be strings")
+        answers = row["answers"]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise EvalError(f"{where}:{n}: answers must be a list of strings")
+        classes = row.get("all_classes")
+        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise EvalError(f"{where}:{n}: all_classes must be null or a list of strings")
+        samples.append(row)
+    return samples
+
+
+def zip_member(names: list[str], task: str) -> str | None:
+    """The zip entry holding a task: data/<task>.jsonl (or <task>.jsonl at any depth, shallowest first)."""
+    found = [n for n in names if PurePosixPath(n).name == f"{task}.jsonl"]
+    return min(found, key=lambda n: (n.count("/"), n)) if found else None
+
+
+class ZipData:
+    """LongBench's data.zip: a local file, or the hub's copy (fetched on first use, so a rerun whose tasks
+    are all done needs neither the network nor the cache)."""
+
+    def __init__(self, where: str, record: dict, path: Path | None = None, fetch: Callable[[], Path] | None = None):
+        self.where, self.record, self._path, self._fetch = where, record, path, fetch
+        self._names: list[str] | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = self._fetch()
+        return self._path
+
+    @property
+    def names(self) -> list[str]:
+        if self._names is None:
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    self._names = z.namelist()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise EvalError(f"{self.where}: {self.path} is not a readable zip file ({e})") from None
+        return self._names
+
+    def check(self, tasks: list[str]) -> None:
+        missing = [t for t in tasks if zip_member(self.names, t) is None]
+        if missing:
+            raise EvalError(f"{self.where}: no {', '.join(f'{t}.jsonl' for t in missing)} in {self.path}")
+
+    def samples(self, task: str) -> list[dict]:
+        self.check([task])
+        member = zip_member(self.names, task)
+        with zipfile.ZipFile(self.path) as z:
+            text = z.read(member).decode("utf-8")
+        return parse_samples(text.splitlines(), f"{self.path}:{member}")
+
+    def describe(self) -> dict:
+        return self.record
+
+
+class FolderData:
+    """A folder of LongBench's <task>.jsonl files (the unzipped data.zip's data/ folder)."""
+
+    def __init__(self, root: Path):
+        self.root, self.where = root, f"--data-dir {root}"
+
+    def check(self, tasks: list[str]) -> None:
+        missing = [t for t in tasks if not (self.root / f"{t}.jsonl").is_file()]
+        if missing:
+            raise EvalError(f"{self.where}: no {', '.join(f'{t}.jsonl' for t in missing)} (expected LongBench's "
+                            f"files, <task>.jsonl, as in data.zip's data/ folder)")
+
+    def samples(self, task: str) -> list[dict]:
+        self.check([task])
+        path = self.root / f"{task}.jsonl"
+        with open(path, encoding="utf-8") as f:
+            return parse_samples(f, str(path))
+
+    def describe(self) -> dict:
+        return {"data_dir": str(self.root.resolve())}
+
+
+def hub_zip(repo: str, revision: str) -> Path:
+    """data.zip from the hub, through (and with HF_HUB_OFFLINE=1 or no network, from) the hub cache."""
+    where = f"--dataset {repo}" + (f" --revision {revision}" if revision != "main" else "")
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo, HUB_FILE, repo_type="dataset", revision=revision))
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise EvalError(f"{where}: no such dataset on the hub, or no access ({type(e).__name__})") from None
+    except RevisionNotFoundError:
+        raise EvalError(f"{where}: the dataset has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:  # offline (or the hub unreachable) and not cached: handled below
+        pass
+    except EntryNotFoundError:
+        raise EvalError(f"{where}: the dataset has no {HUB_FILE} (LongBench v1's data file)") from None
+    except Exception as e:  # anything else (hub down, bad token, ...): one line, no traceback
+        raise EvalError(f"{where}: cannot get {HUB_FILE} ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0]})") from None
+    reason = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub is unreachable"
+    raise EvalError(f"{where}: cannot get {HUB_FILE} ({reason}) and it is not in the hub cache "
+                    f"({hub_constants.HF_HUB_CACHE}); run once online, or pass --data-dir with LongBench's "
+                    f"<task>.jsonl files")
+
+
+def make_source(args: argparse.Namespace) -> ZipData | FolderData:
+    if args.data_dir:
+        path = Path(args.data_dir).expanduser()
+        if path.is_file() and path.suffix == ".zip":
+            return ZipData(f"--data-dir {path}", {"data_zip": str(path.resolve())}, path=path)
+        if not path.is_dir():
+            raise EvalError(f"--data-dir {path}: no such folder (or data.zip file)")
+        return FolderData(path)
+    return ZipData(f"--dataset {args.dataset}", {"dataset": args.dataset, "revision": args.revision},
+                   fetch=lambda: hub_zip(args.dataset, args.revision))
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions (LongBench's layout) and results
+
+
+def prediction_rows(samples: list[dict], preds: list[str]) -> list[dict]:
+    """pred.py's record per sample, in the data's order: pred, answers, all_classes, length."""
+    return [{"pred": p, "answers": s["answers"], "all_classes": s.get("all_classes"), "length": s.get("length")}
+            for s, p in zip(samples, preds, strict=True)]
+
+
+def read_prediction_rows(path: Path) -> list[dict]:
+    """A <task>.jsonl of predictions (ours or LongBench's pred/<model>/), checked field by field."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("pred"), str) or not isinstance(
+                    row.get("answers"), list):
+                raise EvalError(f"{path}:{n}: expected LongBench's prediction record with a string pred and a "
+                                f"list of answers")
+            rows.append(row)
+    return rows
+
+
+def average(scores: dict[str, float]) -> float:
+    """The mean of the tasks' (rounded) scores, rounded to two decimals, as LongBench's tables average."""
+    return round(sum(scores.values()) / len(scores), 2)
+
+
+def results_table(scores: dict[str, float], counts: dict[str, int]) -> str:
+    """Markdown: one row per task (metric, samples, score x 100), then the average over the tasks."""
+    lines = ["| task | metric | samples | score |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {t} | {METRICS[t]} | {counts[t]} | {s:.2f} |" for t, s in scores.items()]
+    lines.append(f"| average | | | {average(scores):.2f} |")
+    return "\n".join(lines)
+
+
+def score_dir(folder: str | Path) -> dict[str, float]:
+    """eval.py on a folder: score every <task>.jsonl of a task this script knows, write result.json
+    (LongBench's format: {task: score}) there, print the table; return the scores."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalError(f"--score-dir {folder}: no such folder")
+    files = {p.stem: p for p in sorted(folder.glob("*.jsonl"))}
+    tasks = [t for t in TASKS if t in files]
+    skipped = sorted(set(files) - set(tasks))
+    if not tasks:
+        raise EvalError(f"--score-dir {folder}: no predictions of a task this script scores ({' '.join(TASKS)})")
+    scores, counts = {}, {}
+    for task in tasks:
+        rows = read_prediction_rows(files[task])
+        scores[task], counts[task] = task_score(task, rows), len(rows)
+    (folder / "result.json").write_text(json.dumps(scores, indent=4) + "\n", encoding="utf-8")
+    if skipped:
+        print(f"not scored (no metric here): {', '.join(skipped)}")
+    print(results_table(scores, counts))
+    return scores

@@ -1,0 +1,211 @@
+"""eval_longbench.py: LongBench's metrics, prompts, middle truncation, data sources and the full run."""
+
+import json
+import zipfile
+
+import pytest
+
+import data
+import eval_longbench as lb
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+@pytest.mark.parametrize("prediction, truth, expected", [
+    ("Paris", "Paris", 1.0),
+    ("The Paris!", "paris", 1.0),                # case, punctuation, article
+    ("U.S.A.", "USA", 1.0),                      # punctuation is removed, not turned into spaces
+    ("well-known", "well known", 0.0),           # ... so a hyphenated word stays one token
+    ("“Paris”", "Paris", 0.0),                   # only ASCII punctuation is removed
+    ("an apple, a pear", "apple pear", 1.0),     # articles go wherever they stand alone
+    ("theatre anthem", "theatre anthem", 1.0),   # ... but not inside words
+    ("New\n\tYork ", "new york", 1.0),           # whitespace collapsed
+    ("a cat sat", "the cat", 2 / 3),             # P = 1/2, R = 1
+    ("cat cat cat", "cat", 0.5),                 # repeated tokens count once per reference occurrence
+    ("cat cat", "cat cat dog", 0.8),             # P = 1, R = 2/3
+    ("", "Paris", 0.0),                          # empty prediction
+    ("the", "Paris", 0.0),                       # a prediction of articles only is empty
+    ("Paris", "", 0.0),                          # empty reference
+])
+def test_qa_f1_score(prediction, truth, expected):
+    assert lb.qa_f1_score(prediction, truth) == pytest.approx(expected)
+
+
+def test_normalize_answer():
+    assert lb.normalize_answer("  The U.S. Army's  best-known, A unit!") == "us armys bestknown unit"
+
+
+def test_sample_score_is_the_best_answer():
+    assert lb.sample_score("hotpotqa", "the old bridge", ["bridge", "old bridge", "river"]) == 1.0
+    assert lb.sample_score("hotpotqa", "old bridge", ["bridge"]) == pytest.approx(2 / 3)
+    assert lb.sample_score("hotpotqa", "old bridge", []) == 0.0
+
+
+def test_first_line_cut_is_triviaqa_only():
+    pred = "\n\nParis\nQuestion: the capital of Italy? Answer: Rome"
+    assert lb.sample_score("triviaqa", pred, ["Rome"]) == 0.0     # only "Paris" is scored
+    assert lb.sample_score("triviaqa", pred, ["Paris"]) == 1.0    # after the leading newlines
+    assert lb.sample_score("hotpotqa", pred, ["Rome"]) > 0.0      # QA tasks score the whole text
+
+
+def test_task_score_rounds_the_mean_of_samples():
+    rows = [{"pred": "c b", "answers": ["b"]}, {"pred": "x", "answers": ["y"]}, {"pred": "y", "answers": ["y"]}]
+    assert lb.task_score("musique", rows) == round(100 * (2 / 3 + 0 + 1) / 3, 2) == 55.56
+
+
+def test_other_metrics():
+    assert lb.count_score("There are 12 unique paragraphs, not 13.", "12") == 0.5
+    assert lb.count_score("no number", "12") == 0.0
+    assert lb.retrieval_score("Paragraph 7", "Paragraph 7") == 1.0
+    assert lb.retrieval_score("Paragraph 17 or 7", "Paragraph 7") == 0.5
+    classes = ["Abbreviation", "Description and abstract concept", "Human being", "Location"]
+    assert lb.classification_score("Location", "Location", classes) == 1.0
+    assert lb.classification_score("Location or Human being", "Location", classes) == 0.5
+    assert lb.classification_score("Human being", "Location", classes) == 0.0
+
+
+def test_classification_keeps_longbenchs_skip():
+    # LongBench removes from the list it loops over, so "ab" (after the removed "a") is never examined
+    # and stays: 1/2, where a clean filter would give 1.0. The benchmark's number is the reference.
+    assert lb.classification_score("abc", "abc", ["a", "ab", "abc"]) == 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and truncation
+
+
+def test_prompts_are_longbenchs():
+    assert set(lb.PROMPTS) == set(lb.TASKS) == set(lb.MAX_NEW_TOKENS) == set(lb.METRICS)
+    narrative = lb.build_prompt("narrativeqa", {"context": "CTX", "input": "Who?"})
+    assert narrative.count("asconcisely") == 2                      # the typo is the benchmark's
+    assert "\n\nStory: CTX\n\n" in narrative and narrative.endswith("Question: Who?\n\nAnswer:")
+    assert lb.build_prompt("multifieldqa_en", {"context": "C", "input": "Q"}).endswith("\n\nQuestion: Q\nAnswer:")
+    assert lb.build_prompt("qasper", {"context": "C", "input": "Q"}).count("\n\n Answer the question") == 1
+    assert lb.PROMPTS["2wikimqa"] == lb.PROMPTS["musique"] == lb.PROMPTS["hotpotqa"]
+    # the context is data: braces in it stay as they are
+    assert "{x} {}" in lb.build_prompt("hotpotqa", {"context": "{x} {}", "input": "Q", "answers": []})
+    assert (lb.MAX_NEW_TOKENS["narrativeqa"], lb.MAX_NEW_TOKENS["qasper"], lb.MAX_NEW_TOKENS["multifieldqa_en"],
+            lb.MAX_NEW_TOKENS["hotpotqa"]) == (128, 128, 64, 32)
+
+
+def test_truncate_middle():
+    ids = list(range(10))
+    assert lb.truncate_middle(ids, 6) == [0, 1, 2, 7, 8, 9]
+    assert lb.truncate_middle(ids, 7) == [0, 1, 2, 7, 8, 9]        # int(7 / 2) from each end
+    assert lb.truncate_middle(ids, 10) == ids
+    with pytest.raises(ValueError):
+        lb.truncate_middle(ids, 1)
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(qwen_tokenizer_dir):
+    return data.load_tokenizer(qwen_tokenizer_dir)
+
+
+def long_sample(n_words: int = 3000) -> dict:
+    return {"context": " ".join(f"fact{i} is {i % 7}." for i in range(n_words)), "input": "What is fact5?"}
+
+
+def test_truncation_with_the_qwen_tokenizer(qwen_tok):
+    sample = long_sample()
+    prompt = lb.build_prompt("hotpotqa", sample)
+    full = qwen_tok.encode(prompt).ids
+    assert len(full) > 4 * 500
+    text = lb.model_input("hotpotqa", sample, qwen_tok, 500, chat_template=False)
+    ids = qwen_tok.encode(text).ids
+    assert abs(len(ids) - 500) <= 2                                  # re-encoding may merge at the seam
+    assert ids[:240] == full[:240] and ids[-240:] == full[-240:]     # head and tail kept
+    assert text.startswith("Answer the question based on the given passages.")
+    assert text.endswith("Question: What is fact5?\nAnswer:")
+    assert "fact1000 " not in text                                   # the middle is gone
+    short = {"context": "fact1 is 1.", "input": "What is fact1?"}
+    assert lb.model_input("hotpotqa", short, qwen_tok, 500, False) == lb.build_prompt("hotpotqa", short)
+
+
+def test_chat_wrapping_comes_after_truncation(qwen_tok):
+    sample = long_sample()
+    plain = lb.model_input("hotpotqa", sample, qwen_tok, 500, chat_template=False)
+    chat = lb.model_input("hotpotqa", sample, qwen_tok, 500, chat_template=True)
+    assert chat == data.render_chat([{"role": "user", "content": plain}], add_generation_prompt=True)
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
+    # the chat tokens come on top of the budget: nothing of the truncated prompt is lost to them
+    assert len(qwen_tok.encode(chat).ids) > len(qwen_tok.encode(plain).ids) + 10
+    # few-shot tasks are never wrapped (pred.py)
+    trivia = {"context": "Q: a? A: b", "input": "Q: c? A:"}
+    assert lb.model_input("triviaqa", trivia, qwen_tok, 500, True) == lb.build_prompt("triviaqa", trivia)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and re-scoring
+
+
+def record(i: int, task: str = "hotpotqa") -> dict:
+    """A record in LongBench's format."""
+    return {"input": f"Where is item{i}?", "context": f"Passage 1:\nitem{i} is in room{i}.", "answers": [f"room{i}"],
+            "length": 5, "dataset": task, "language": "en", "all_classes": None, "_id": f"id{i}"}
+
+
+def write_task(folder, task, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def test_folder_and_zip_data(tmp_path):
+    write_task(tmp_path / "data", "hotpotqa", [record(0), record(1)])
+    assert lb.FolderData(tmp_path / "data").samples("hotpotqa") == [record(0), record(1)]
+    with pytest.raises(lb.EvalError, match=r"--data-dir .*: no qasper.jsonl"):
+        lb.FolderData(tmp_path / "data").check(["hotpotqa", "qasper"])
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:  # the hub file's layout
+        z.write(tmp_path / "data" / "hotpotqa.jsonl", "data/hotpotqa.jsonl")
+        z.writestr("data/hotpotqa_e.jsonl", "")
+    source = lb.ZipData("--data-dir x", {}, path=tmp_path / "data.zip")
+    assert source.samples("hotpotqa") == [record(0), record(1)]
+    with pytest.raises(lb.EvalError, match=r"no musique.jsonl in .*data.zip"):
+        source.check(["musique"])
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("{not json", "bad.jsonl:2: not valid JSON"),
+    ('{"input": "q", "context": "c"}', "bad.jsonl:2: missing field(s) answers"),
+    ('{"input": "q", "context": "c", "answers": "a"}', "bad.jsonl:2: answers must be a list of strings"),
+    ('{"input": "q", "context": "c", "answers": ["a"], "all_classes": "x"}', "all_classes must be null or a list"),
+])
+def test_bad_records_name_file_and_line(tmp_path, line, fragment):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(record(0)) + "\n" + line + "\n")
+    with pytest.raises(lb.EvalError) as e:
+        lb.parse_samples((tmp_path / "bad.jsonl").read_text().splitlines(), str(tmp_path / "bad.jsonl"))
+    assert fragment in str(e.value)
+
+
+def test_hub_zip_from_the_cache_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(lb.EvalError, match=r"--dataset THUDM/LongBench: cannot get data.zip \(HF_HUB_OFFLINE is "
+                                           r"set.*not in the hub cache.*--data-dir"):
+        lb.hub_zip("THUDM/LongBench", "main")
+    # a cache as huggingface_hub lays it out: refs/main names the snapshot holding data.zip
+    repo, commit = tmp_path / "hub" / "datasets--THUDM--LongBench", "0123456789abcdef" * 2 + "01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    with zipfile.ZipFile(repo / "snapshots" / commit / "data.zip", "w") as z:
+        z.writestr("data/qasper.jsonl", json.dumps(record(3, "qasper")) + "\n")
+    source = lb.ZipData("--dataset THUDM/LongBench", {}, fetch=lambda: lb.hub_zip("THUDM/LongBench", "main"))
+    assert source.samples("qasper") == [record(3, "qasper")]
+
+
+def test_score_dir(tmp_path, capsys):
+    rows = [{"pred": "room1", "answers": ["room1"], "all_classes": None, "length": 5},
+            {"pred": "The room2.", "answers": ["x", "room2"], "all_classes": None, "length": 5},
+            {"pred": "no", "answers": ["room3"], "all_classes": None, "length": 5}]
+    write_task(tmp_path, "hotpotqa", rows)
+    write_task(tmp_path, "triviaqa", [{"pred": "Rome\nParis", "answers": ["Paris"], "all_classes": None}])
+    write_task(tmp_path, "gov_report", [{"pred": "s", "answers": ["t"], "all_classes": None}])
+    assert lb.score_dir(tmp_path) == {"hotpotqa": 66.67, "triviaqa": 0.0}
+    assert json.loads((tmp_path / "result.json").read_text()) == {"hotpotqa": 66.67, "triviaqa": 0.0}
+    out = capsys.readouterr().out
+    assert "not scored (no metric here): gov_report" in out
+    assert "| hotpotqa | qa_f1_score | 3 | 66.67 |" in out and "| average | | | 33.34 |" in out
