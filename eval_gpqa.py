@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import re
 import selectors
@@ -272,3 +273,70 @@ class SandboxPool:
         workers = min(self.workers or default_workers(self.memory_mb), len(codes))
         with ThreadPoolExecutor(workers) as ex:
             return list(ex.map(lambda c: execute(c, self.timeout, self.memory_mb), codes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tool calls and scoring, as Open-AgentRL parses and scores them
+
+TOOL_NAME = "code_interpreter"
+# The tool schema of Open-AgentRL's recipe/demystify/sandbox_fusion_tool_config.yaml (dumped without unset
+# fields, so no "strict"), rendered into Qwen2.5's tools system block.
+CODE_TOOL = {"type": "function", "function": {
+    "name": TOOL_NAME, "description": "A tool for executing code.",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The code to execute."}},
+                   "required": ["code"]}}}
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def parse_tool_call(text: str) -> dict | None:
+    """The first valid hermes tool call of an assistant turn, {"name": ..., "arguments": ...}, or None.
+
+    As Open-AgentRL's HermesToolParser: every <tool_call>...</tool_call> body is JSON-decoded and needs
+    "name" and "arguments"; invalid ones are skipped; max_parallel_calls = 1 keeps only the first valid one.
+    """
+    if "<tool_call>" not in text or "</tool_call>" not in text:
+        return None
+    for body in _TOOL_CALL.findall(text):
+        try:
+            call = json.loads(body)
+            return {"name": call["name"], "arguments": call["arguments"]}
+        except Exception:  # noqa: BLE001 - theirs skips any failure (bad JSON, a list, a missing key)
+            continue
+    return None
+
+
+def tool_code(call: dict) -> tuple[str | None, str | None]:
+    """(code to run, None) or (None, the error text the model sees): Open-AgentRL's _call_tool answers an
+    unknown tool or bad arguments with 'Error when executing tool: <exception>', untruncated."""
+    try:
+        if call["name"] != TOOL_NAME:
+            raise KeyError(call["name"])
+        code = call["arguments"]["code"]
+        _FENCED.findall(code)  # a non-string fails here, as in theirs
+        return code, None
+    except Exception as e:  # noqa: BLE001 - any failure becomes the tool's text
+        return None, f"Error when executing tool: {e}"
+
+
+def boxed_answer(text: str) -> str | None:
+    """The content of the last brace-balanced \\boxed{...} that starts in the last 100 characters, or None
+    (math_dapo.py with strict_box_verify: the last 300 characters, then the last 100 of those)."""
+    tail = text[-300:][-100:]
+    start = tail.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start, len(tail)):
+        if tail[i] == "{":
+            depth += 1
+        elif tail[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return tail[start + len("\\boxed{"):i]
+    return None  # unbalanced: no answer
+
+
+def is_correct(response: str, solution: str) -> bool:
+    """Open-AgentRL's strict rule: the boxed answer equals the solution letter exactly (no stripping, no
+    normalising: \\boxed{(B)} and \\boxed{ B} are wrong)."""
+    return boxed_answer(response) == solution
