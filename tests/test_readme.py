@@ -1,5 +1,5 @@
-"""The README tells the truth about the commands: CI runs its test command, and every flag it shows
-for a script is a flag that script accepts."""
+"""The README and docs/ tell the truth about the commands: CI runs the README's test command, and every
+flag they show for a script is a flag that script accepts."""
 
 import re
 import subprocess
@@ -8,6 +8,7 @@ import sys
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+DOCS = {path.relative_to(ROOT).as_posix(): path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 CI = (ROOT / ".ci" / "run").read_text()
 
 
@@ -17,8 +18,22 @@ def test_ci_runs_the_readme_test_command():
     assert "pip install torch==2.13.0 && pip install -r requirements.txt && python demo.py" in demo
     assert "pip install torch==2.13.0 && pip install -r requirements-dev.txt" in tests
     command = next(line for line in tests.splitlines() if "pytest" in line)
-    assert command in CI  # .ci/run extracts and runs this very line
+    assert command == "python -m pytest -q"  # plain: nothing that points outside the repository
+    ci_lines = [line.strip() for line in CI.splitlines()]
+    assert command in ci_lines  # .ci/run runs this very line, as a whole line
+    # ... with the real tokenizer set before it, so the chat-template tests run rather than skip
+    tokenizer = next(i for i, line in enumerate(ci_lines) if line.startswith("export QWEN_TOKENIZER_DIR="))
+    assert tokenizer < ci_lines.index(command)
     assert "pip install -q torch==2.13.0" in CI and "pip install -q -r requirements-dev.txt" in CI
+    assert "QWEN_TOKENIZER_DIR" in README  # the README says what the variable is
+
+
+def test_docs_are_linked_and_stay_inside_the_repository():
+    assert DOCS, "docs/*.md missing"
+    for name, text in {"README.md": README, **DOCS}.items():
+        assert "../shared" not in text and "/work/" not in text and "DESIGN.md" not in text, name
+    for name in DOCS:
+        assert f"]({name})" in README, f"README does not link {name}"
 
 
 SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "bench.py": [[]], "demo.py": [[]],
@@ -35,14 +50,18 @@ def test_every_flag_in_the_readme_exists():
             assert out.returncode == 0, out.stderr
             text += out.stdout
         helps[script] = set(re.findall(r"--[a-z][a-z0-9-]*", text))
-    checked = 0
-    for line in README.splitlines():
-        scripts = [s for s in SCRIPTS if s in line]
-        if len(scripts) != 1:
-            continue
-        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", line):
-            if flag in ("--nproc_per_node",):  # torchrun's own
+    checked = {}
+    for name, text in {"README.md": README, **DOCS}.items():
+        checked[name] = 0
+        # a page of docs/ is about the script its title names: a flag on a line naming no script is that script's
+        title = [s for s in SCRIPTS if s in text.splitlines()[0]] if name != "README.md" else []
+        for line in text.splitlines():
+            scripts = [s for s in SCRIPTS if s in line] or title
+            if len(scripts) != 1:
                 continue
-            assert flag in helps[scripts[0]], f"README: {scripts[0]} has no flag {flag}: {line.strip()}"
-            checked += 1
-    assert checked > 30
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", line):
+                if flag in ("--nproc_per_node",):  # torchrun's own
+                    continue
+                assert flag in helps[scripts[0]], f"{name}: {scripts[0]} has no flag {flag}: {line.strip()}"
+                checked[name] += 1
+    assert checked["README.md"] > 10 and sum(checked.values()) > 30, checked
