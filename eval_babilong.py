@@ -27,7 +27,6 @@ with the prompt and generation settings), so they compare row for row with publi
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -42,7 +41,6 @@ from pathlib import Path, PurePosixPath
 import huggingface_hub
 import pyarrow
 import pyarrow.parquet as pq
-import tokenizers
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import (
@@ -51,16 +49,30 @@ from huggingface_hub.utils import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from tqdm import tqdm
 
 import data
-import qwen2
+import evaluation
+from evaluation import (
+    EvalError,
+    Setup,
+    add_common_args,
+    atomic_write,
+    check_common_args,
+    check_overflow,
+    check_positive,
+    generate_batched,
+    generate_texts,
+    is_finished,
+    load_setup,
+    make_engine,
+    markdown_table,
+    percent,
+    read_csv,
+    write_csv,
+    write_json,
+)
 
 PROG = "eval_babilong.py"
-
-
-class EvalError(Exception):
-    """A problem the user can fix (bad flag, missing file, ...). The message is one line for the user."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,50 +607,15 @@ class SyntheticData(DataSource):
 CSV_COLUMNS = ("target", "output", "question")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a killed run never leaves a half file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_predictions(path: Path, rows: list[dict]) -> None:
     """The benchmark's CSV: a leading unnamed index column (as pandas writes it), then target, output,
     question."""
-    def write(f):
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["", *CSV_COLUMNS])
-        w.writerows([i, *(r[c] for c in CSV_COLUMNS)] for i, r in enumerate(rows))
-    _atomic_write(path, write)
+    write_csv(path, ["", *CSV_COLUMNS], [[i, *(r[c] for c in CSV_COLUMNS)] for i, r in enumerate(rows)])
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """Rows of a predictions CSV (with or without the index column). Empty cells read as ''."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise EvalError(f"{path}: empty file (expected a CSV with columns {', '.join(CSV_COLUMNS)})")
-            missing = [c for c in CSV_COLUMNS if c not in header]
-            if missing:
-                raise EvalError(f"{path}: no column(s) {', '.join(missing)} (has: {', '.join(header)}); "
-                                f"expected the benchmark's CSV with columns {', '.join(CSV_COLUMNS)}")
-            where = {c: header.index(c) for c in CSV_COLUMNS}
-            rows = []
-            for n, row in enumerate(reader, 2):
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise EvalError(f"{path}:{n}: {len(row)} fields, the header has {len(header)}")
-                rows.append({c: row[i] for c, i in where.items()})
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise EvalError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
-    return rows
+    return read_csv(path, CSV_COLUMNS)
 
 
 def score_csv(path: str | os.PathLike, task: str | None = None) -> tuple[int, int]:
@@ -658,14 +635,9 @@ def score_csv(path: str | os.PathLike, task: str | None = None) -> tuple[int, in
 
 def results_table(results: dict, tasks: list[str], lengths: list[str]) -> str:
     """Markdown: accuracy in % per task (rows) and length (columns), then the mean over the tasks."""
-    def cell(value):
-        return "-" if value is None else f"{100 * value:.1f}"
-
-    lines = ["| task | " + " | ".join(lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
     rows = [(task, results["accuracy"][task]) for task in tasks] + [("mean", results["mean"])]
-    for name, values in rows:
-        lines.append(f"| {name} | " + " | ".join(cell(values.get(n)) for n in lengths) + " |")
-    return "\n".join(lines)
+    return markdown_table(["task", *lengths], [[name, *(percent(values.get(n)) for n in lengths)]
+                                               for name, values in rows])
 
 
 def collect_results(counts: dict[tuple[str, str], tuple[int, int]], tasks: list[str],
@@ -680,146 +652,19 @@ def collect_results(counts: dict[tuple[str, str], tuple[int, int]], tasks: list[
 
 
 # ----------------------------------------------------------------------------------------------
-# Model side: tokenizer, EOS ids, batched generation
-
-
-def load_tokenizer(directory: Path, flag: str) -> tokenizers.Tokenizer:
-    if not (directory / "tokenizer.json").is_file():
-        raise EvalError(f"{flag}: no tokenizer.json in {directory} (the model directory needs the "
-                        f"tokenizer files next to config.json; copy them from the base model)")
-    try:
-        return data.load_tokenizer(directory)
-    except data.DataError as e:
-        raise EvalError(e.problems[0]) from None
-
-
-def eos_token_ids(directory: Path, tokenizer: tokenizers.Tokenizer) -> list[int]:
-    """Stop ids: generation_config.json's and config.json's eos_token_id, plus Qwen's end-of-turn and
-    end-of-text tokens where the tokenizer has them (a base model's config names only one of them)."""
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        path = directory / name
-        if path.is_file():
-            try:
-                eos = json.loads(path.read_text()).get("eos_token_id")
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise EvalError(f"{path}: not a valid JSON object ({e})") from None
-            ids.update([eos] if isinstance(eos, int) else eos or [])
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        if (i := tokenizer.token_to_id(token)) is not None:
-            ids.add(i)
-    return sorted(ids)
-
-
-def decode(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int]) -> str:
-    stop_ids = set(eos)
-    stop = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
-    return tokenizer.decode(ids[:stop], skip_special_tokens=True).strip()
-
-
-def generate_batched(model: torch.nn.Module, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-                     eos: list[int], prefill_chunk: int | None = None, progress=None) -> list[list[int]]:
-    """Greedy outputs for every prompt, in the prompts' order.
-
-    Prompts go longest first in batches of similar length (little padding, and an out-of-memory shows
-    on the first batch). On a CUDA out-of-memory the batch size is halved for the rest of the run."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[list[int] | None] = [None] * len(prompts)
-    kwargs = {"prefill_chunk": prefill_chunk} if prefill_chunk else {}
-    start = 0
-    while start < len(order):
-        idx = order[start:start + batch_size]
-        try:
-            new = qwen2.generate(model, [prompts[i] for i in idx], max_new_tokens, eos, **kwargs)
-        except torch.cuda.OutOfMemoryError:
-            new = None
-        if new is None:  # out of memory (handled here, once the failed batch's tensors are released)
-            torch.cuda.empty_cache()
-            if batch_size == 1:
-                raise EvalError(f"out of GPU memory on one prompt of {len(prompts[idx[0]])} tokens; try "
-                                f"--prefill-chunk 4096 or a shorter --lengths") from None
-            batch_size //= 2
-            tqdm.write(f"out of GPU memory: --batch-size lowered to {batch_size}")
-            continue
-        for i, ids in zip(idx, new, strict=True):
-            outputs[i] = ids
-        start += len(idx)
-        if progress is not None:
-            progress.update(len(idx))
-    return outputs
-
-
-# ----------------------------------------------------------------------------------------------
 # The evaluation run
 
 
-@dataclass
-class Setup:
-    """What one run needs besides the model weights."""
-
-    directory: Path
-    tokenizer: tokenizers.Tokenizer
-    config: qwen2.Qwen2Config
-    eos: list[int]
-    max_new_tokens: int
-
-    def encode(self, prompt: PromptConfig, samples: list[Sample]) -> list[list[int]]:
-        # As the benchmark: plain text gets the tokenizer's special tokens (none for Qwen), a rendered
-        # chat prompt already holds its own. encode_batch runs on all cores.
-        texts = [prompt.render(s["input"], s["question"]) for s in samples]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=not prompt.chat_template)
-        return [e.ids for e in encodings]
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def generate_kwargs(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "num_beams": 1, "do_sample": False,
-                "temperature": None, "top_p": None, "top_k": None, "eos_token_id": self.eos}
+def encode_prompts(setup: Setup, prompt: PromptConfig, samples: list[Sample]) -> list[list[int]]:
+    """As the benchmark: plain text gets the tokenizer's special tokens (none for Qwen), a rendered chat
+    prompt already holds its own."""
+    texts = [prompt.render(s["input"], s["question"]) for s in samples]
+    return setup.encode(texts, add_special_tokens=not prompt.chat_template)
 
 
 def pair_paths(out: Path, task: str, length: str, prompt: PromptConfig) -> tuple[Path, Path]:
     stem = f"{task}_{length}_{prompt.name()}"
     return out / f"{stem}.csv", out / f"{stem}.json"
-
-
-def is_finished(csv_path: Path, json_path: Path, record: dict) -> bool:
-    """A (task, length) is done when both files exist and were made with the same prompt, generation
-    settings and data (the CSV is written whole at the end of a pair, so it is never partial)."""
-    if not (csv_path.is_file() and json_path.is_file()):
-        return False
-    try:
-        saved = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    keys = ("prompt", "generate_kwargs", "data")
-    return isinstance(saved, dict) and all(saved.get(k) == record[k] for k in keys)
-
-
-def context_limit(config: qwen2.Qwen2Config) -> tuple[int, str]:
-    """Positions a model is meant for: max_position_embeddings, or more with YaRN scaling (Qwen2.5's
-    long-context recipe keeps max_position_embeddings and adds a rope_scaling factor)."""
-    limit, what = config.max_position_embeddings, "max_position_embeddings"
-    scaling = config.rope_scaling or {}
-    if scaling.get("factor") and scaling.get("original_max_position_embeddings"):
-        scaled = int(scaling["factor"] * scaling["original_max_position_embeddings"])
-        if scaled > limit:
-            limit, what = scaled, "rope_scaling factor x original_max_position_embeddings"
-    return limit, what
-
-
-def check_overflow(task: str, length: str, prompts: list[list[int]], setup: Setup, policy: str) -> None:
-    """Prompts plus the new tokens must fit the model's context: stop (policy 'error') or warn ('run')."""
-    limit, what_limit = context_limit(setup.config)
-    over = [len(p) for p in prompts if len(p) + setup.max_new_tokens > limit]
-    if not over:
-        return
-    what = (f"{task} {length}: {len(over)} of {len(prompts)} prompts do not fit the model's context "
-            f"(longest {max(over)} prompt tokens + {setup.max_new_tokens} new > {what_limit} {limit})")
-    if policy == "error":
-        raise EvalError(f"{what}; pass --overflow run to generate past the trained positions anyway, or "
-                        f"leave out --lengths {length}")
-    tqdm.write(f"warning: {what}; generating anyway (--overflow run)")
 
 
 def prompts_for(args: argparse.Namespace, task: str) -> PromptConfig:
@@ -843,70 +688,68 @@ def make_source(args: argparse.Namespace) -> DataSource:
     return HubData(args.dataset, args.revision)
 
 
-def load_setup(args: argparse.Namespace) -> Setup:
-    directory = qwen2.checkpoint_dir(args.model)
-    tokenizer = load_tokenizer(directory, f"--model {args.model}")
-    config = qwen2.Qwen2Config.from_json(directory / "config.json")  # a clear CheckpointError if bad
-    return Setup(directory, tokenizer, config, eos_token_ids(directory, tokenizer), args.max_new_tokens)
-
-
-def load_model(args: argparse.Namespace, setup: Setup) -> tuple[torch.nn.Module, str]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    model = qwen2.from_pretrained(setup.directory, dtype=dtype, device=device).eval()
-    return model, dtype
-
-
-def evaluate(args: argparse.Namespace) -> dict:
-    """Generate and score every requested (task, length) not already finished in --out; write the
-    predictions, results.md and results.json; return the results."""
-    setup = load_setup(args)
-    source = make_source(args)
-    out = Path(args.out)
-    data_record = {**source.describe(), "max_samples": args.max_samples}
-
-    # Longest contexts first: a prompt that does not fit or runs out of memory shows up at the start.
+def pending_pairs(args: argparse.Namespace, setup: Setup, data_record: dict, counts: dict) -> list[tuple]:
+    """The (task, length) pairs still to run, longest contexts first (a prompt that does not fit or runs
+    out of memory shows up at the start); finished ones are scored from their CSV into `counts`."""
     pairs = [(t, n) for n in sorted(args.lengths, key=length_tokens, reverse=True) for t in args.tasks]
-    jobs, counts = [], {}
+    jobs = []
     for task, length in pairs:
         prompt = prompts_for(args, task)
-        csv_path, json_path = pair_paths(out, task, length, prompt)
+        csv_path, json_path = pair_paths(Path(args.out), task, length, prompt)
         record = {"prompt": asdict(prompt), "generate_kwargs": setup.generate_kwargs(), "data": data_record}
         if is_finished(csv_path, json_path, record):
             counts[task, length] = score(task, read_predictions(csv_path))
             print(f"{task} {length}: done before, skipped ({csv_path.name})")
         else:
             jobs.append((task, length, prompt, csv_path, json_path, record))
+    if jobs:
+        print(f"{len(jobs)} of {len(pairs)} (task, length) pairs to run, longest first; writing to {args.out}")
+    return jobs
+
+
+def load_samples(args: argparse.Namespace, source: DataSource, setup: Setup, task: str, length: str,
+                 prompt: PromptConfig) -> tuple[list[Sample], list[list[int]]]:
+    """The samples of (task, length) and their prompts' token ids, checked to fit the model."""
+    samples = source.samples(task, length, setup.count_tokens)
+    if args.max_samples:
+        samples = samples[:args.max_samples]
+    if not samples:
+        raise EvalError(f"{task} {length}: the data has no samples")
+    ids = encode_prompts(setup, prompt, samples)
+    check_overflow(f"{task} {length}", ids, setup, args.overflow, f"leave out --lengths {length}")
+    return samples, ids
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Generate and score every requested (task, length) not already finished in --out; write the
+    predictions, results.md and results.json; return the results."""
+    setup = load_setup(args.model, args.max_new_tokens)
+    source = make_source(args)
+    out = Path(args.out)
+    data_record = {**source.describe(), "max_samples": args.max_samples}
+    counts: dict[tuple[str, str], tuple[int, int]] = {}
+    jobs = pending_pairs(args, setup, data_record, counts)
     source.check([(t, n) for t, n, *_ in jobs])
     out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be there
-    if jobs:
-        print(f"{len(jobs)} of {len(pairs)} (task, length) pairs to run, longest first; writing to {out}")
 
-    model = dtype = None
+    engine = make_engine(args, setup)  # loads the model on its first use: not at all when all is done
     for task, length, prompt, csv_path, json_path, record in jobs:
-        samples = source.samples(task, length, setup.count_tokens)
-        if args.max_samples:
-            samples = samples[:args.max_samples]
-        if not samples:
-            raise EvalError(f"{task} {length}: the data has no samples")
-        ids = setup.encode(prompt, samples)
-        check_overflow(task, length, ids, setup, args.overflow)
-        if model is None:
-            model, dtype = load_model(args, setup)
-        with tqdm(total=len(ids), desc=f"{task} {length}", unit="sample", leave=False) as bar:
-            new = generate_batched(model, ids, args.batch_size, setup.max_new_tokens, setup.eos,
-                                   args.prefill_chunk, progress=bar)
-        rows = [{"target": s["target"], "output": decode(setup.tokenizer, ids, setup.eos),
-                 "question": s["question"]} for s, ids in zip(samples, new, strict=True)]
+        samples, ids = load_samples(args, source, setup, task, length, prompt)
+        outputs = generate_texts(engine, setup, ids, desc=f"{task} {length}")
+        rows = [{"target": s["target"], "output": o, "question": s["question"]}
+                for s, o in zip(samples, outputs, strict=True)]
         write_predictions(csv_path, rows)
-        counts[task, length] = score(task, rows)
-        c, n = counts[task, length]
+        counts[task, length] = c, n = score(task, rows)
         files = source.files(task, length) if isinstance(source, FileData) else []
-        saved = {**record, "files": files, "model": str(args.model), "dtype": dtype, "samples": n,
-                 "accuracy": c / n}
-        _atomic_write(json_path, lambda f, saved=saved: f.write(json.dumps(saved, indent=4) + "\n"))
+        write_json(json_path, {**record, "files": files, **engine.describe(), "samples": n, "accuracy": c / n},
+                   indent=4)
         print(f"{task} {length}: accuracy {c / n:.3f} ({c}/{n}) -> {csv_path}")
+    return write_results(args, setup, counts, data_record)
 
+
+def write_results(args: argparse.Namespace, setup: Setup, counts: dict, data_record: dict) -> dict:
+    """results.md and results.json of the run (every requested pair, finished now or before)."""
+    out = Path(args.out)
     tasks, lengths = list(args.tasks), sorted(args.lengths, key=length_tokens)
     results = collect_results(counts, tasks, lengths)
     table = results_table(results, tasks, lengths)
@@ -915,8 +758,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                "data": data_record, **results}
     header = (f"BABILong accuracy (%) of {args.model}\n\nprompt: {', '.join(names)}; data: "
               f"{json.dumps(data_record)}; greedy, at most {setup.max_new_tokens} new tokens")
-    (out / "results.md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
+    write_json(out / "results.json", results)
     print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
     return results
 
@@ -924,18 +767,15 @@ def evaluate(args: argparse.Namespace) -> dict:
 def benchmark(args: argparse.Namespace) -> dict:
     """Samples/s of batched generation against one prompt at a time, on the first (task, length)."""
     args.max_samples = args.max_samples or 16
-    setup = load_setup(args)
+    setup = load_setup(args.model, args.max_new_tokens)
     source = make_source(args)
     task, length = args.tasks[0], args.lengths[0]
     source.check([(task, length)])
-    samples = source.samples(task, length, setup.count_tokens)[:args.max_samples]
-    prompt = prompts_for(args, task)
-    ids = setup.encode(prompt, samples)
-    check_overflow(task, length, ids, setup, args.overflow)
-    model, dtype = load_model(args, setup)
-    device = next(model.parameters()).device
+    _, ids = load_samples(args, source, setup, task, length, prompts_for(args, task))
+    engine = make_engine(args, setup)
+    model = engine.model
     print(f"benchmark: {len(ids)} prompts of {task} {length} (mean {sum(map(len, ids)) / len(ids):.0f} "
-          f"tokens), up to {setup.max_new_tokens} new tokens, {device} {dtype}")
+          f"tokens), up to {setup.max_new_tokens} new tokens, {model.device} {engine.dtype}")
     generate_batched(model, ids[:1], 1, setup.max_new_tokens, setup.eos, args.prefill_chunk)  # warm-up
     # Alternate the two settings for a few rounds and keep each one's best: on a shared machine both
     # then see the same load, and the minimum is the least noisy estimate.
@@ -943,11 +783,10 @@ def benchmark(args: argparse.Namespace) -> dict:
     seconds, outputs = {bs: [] for bs in sizes}, {}
     for _ in range(BENCHMARK_ROUNDS):
         for bs in sizes:
-            if device.type == "cuda":
+            if model.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            outputs[bs] = generate_batched(model, ids, bs, setup.max_new_tokens, setup.eos,
-                                           args.prefill_chunk)
+            outputs[bs] = generate_batched(model, ids, bs, setup.max_new_tokens, setup.eos, args.prefill_chunk)
             seconds[bs].append(time.perf_counter() - t0)
     report = {bs: len(ids) / min(seconds[bs]) for bs in sizes}
     for bs in sizes:
@@ -966,11 +805,8 @@ def benchmark(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="DIR_OR_ID",
-                   help="model directory or hub id (config.json, safetensors weights, tokenizer.json)")
-    p.add_argument("--out", metavar="DIR",
-                   help="results folder of this model: a predictions CSV and JSON per task and length, "
-                        "results.md, results.json; finished (task, length) pairs are skipped on a rerun")
+    add_common_args(p, out_help="results folder of this model: a predictions CSV and JSON per task and length, "
+                                "results.md, results.json; finished (task, length) pairs are skipped on a rerun")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="qaN",
                    help="tasks to evaluate (default: qa1-qa5; built-in prompts for qa1-qa10, the others "
                         "need --prompt-config)")
@@ -997,22 +833,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: plain text, or what --prompt-config says)")
     p.add_argument("--system-prompt", metavar="TEXT",
                    help="system turn for --chat-template (default: none, so Qwen's template adds its own)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="prompts decoded together, halved on CUDA out-of-memory (default: 8)")
     p.add_argument("--max-samples", type=int, metavar="N",
                    help="only the first N samples of each task and length (default: all; 100 for "
                         "--synthetic)")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help=f"generated tokens at most (default: {MAX_NEW_TOKENS}, the benchmark's protocol, or "
                         f"the max_new_tokens of --prompt-config)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--prefill-chunk", type=int, metavar="N",
-                   help="prefill long prompts N tokens at a time, to bound activation memory")
-    p.add_argument("--overflow", choices=["error", "run"], default="error",
-                   help="prompts (plus the new tokens) longer than the model's context: stop with an error "
-                        "before generating them (default), or run them anyway with a warning")
     p.add_argument("--score-csv", metavar="FILE",
                    help="only re-score a predictions CSV in the benchmark's format (columns target, output, "
                         "question) and print 'accuracy: A (correct/total)'")
@@ -1025,10 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Check the flags before anything is loaded; raises EvalError naming the flag."""
-    if not args.model:
-        raise EvalError("--model is required (a model directory or hub id)")
-    if not args.out and not args.benchmark:
-        raise EvalError("--out is required (the folder for predictions and results)")
+    check_common_args(args, need_out=not args.benchmark)
     for task in args.tasks:
         if task not in TASK_LABELS:
             raise EvalError(f"--tasks: unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
@@ -1036,17 +859,16 @@ def validate(args: argparse.Namespace) -> None:
         if length not in LENGTHS:
             raise EvalError(f"--lengths: unknown length {length!r} (the benchmark's: {' '.join(LENGTHS)})")
     args.tasks, args.lengths = list(dict.fromkeys(args.tasks)), list(dict.fromkeys(args.lengths))
-    for flag in ("batch_size", "max_samples", "max_new_tokens", "prefill_chunk"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise EvalError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise EvalError(f"--out {args.out}: is a file, expected a folder")
+    check_positive(args, "max_samples", "max_new_tokens")
     if args.task:
         raise EvalError("--task goes with --score-csv; use --tasks to choose what to evaluate")
     if args.synthetic:
         SyntheticData().check([(t, "0k") for t in args.tasks])
+    validate_prompt(args)
 
+
+def validate_prompt(args: argparse.Namespace) -> None:
+    """--prompt-config, --chat-template, --system-prompt and the --max-new-tokens they imply."""
     gen = {}
     if args.prompt_config:
         args.loaded_prompt, gen = load_prompt_config(args.prompt_config)
@@ -1071,24 +893,21 @@ def validate(args: argparse.Namespace) -> None:
                             f"positive integer")
 
 
+def run(args: argparse.Namespace) -> None:
+    if args.score_csv:
+        correct, total = score_csv(args.score_csv, args.task)
+        print(f"accuracy: {correct / total:.3f} ({correct}/{total})")
+        return
+    validate(args)
+    if args.benchmark:
+        benchmark(args)
+    else:
+        evaluate(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.score_csv:
-            correct, total = score_csv(args.score_csv, args.task)
-            print(f"accuracy: {correct / total:.3f} ({correct}/{total})")
-            return 0
-        validate(args)
-        if args.benchmark:
-            benchmark(args)
-        else:
-            evaluate(args)
-    except (EvalError, qwen2.CheckpointError, OSError) as e:  # OSError: permissions, full disk, ...
-        sys.exit(f"{PROG}: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"{PROG}: interrupted; finished (task, length) pairs are saved, the same command resumes")
-    return 0
+    return evaluation.main(PROG, build_parser(), run, argv,
+                           resume_note="finished (task, length) pairs are saved, the same command resumes")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 import data
 import eval_babilong as ev
+import evaluation
 import qwen2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,7 +337,7 @@ def test_hub_offline_uses_the_cache(tmp_path, monkeypatch):
 
 
 def test_synthetic_is_deterministic(tiny_model):
-    count = ev.load_tokenizer(tiny_model, "--model").encode
+    count = evaluation.load_tokenizer(tiny_model, "--model").encode
     n_tokens = lambda text: len(count(text, add_special_tokens=False).ids)
     a = ev.SyntheticData(seed=0, count=3).samples("qa2", "1k", n_tokens)
     assert a == ev.SyntheticData(seed=0, count=3).samples("qa2", "1k", n_tokens)
@@ -346,7 +347,7 @@ def test_synthetic_is_deterministic(tiny_model):
 
 
 def test_synthetic_answers_are_consistent(tiny_model):
-    tokenizer = ev.load_tokenizer(tiny_model, "--model")
+    tokenizer = evaluation.load_tokenizer(tiny_model, "--model")
     n_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
     for task in ev.SYNTHETIC_TASKS:
         for length in ("0k", "1k"):
@@ -440,10 +441,10 @@ def test_is_finished_compares_the_settings(tmp_path):
 
 
 def test_eos_ids(tiny_model):
-    tokenizer = ev.load_tokenizer(tiny_model, "--model")
-    eos = ev.eos_token_ids(tiny_model, tokenizer)
+    tokenizer = evaluation.load_tokenizer(tiny_model, "--model")
+    eos = evaluation.eos_token_ids(tiny_model, tokenizer)
     assert tokenizer.token_to_id("<|im_end|>") in eos and tokenizer.token_to_id("<|endoftext|>") in eos
-    assert ev.decode(tokenizer, tokenizer.encode("the kitchen").ids + [eos[0]] + [5, 6], eos) == "the kitchen"
+    assert evaluation.decode(tokenizer, tokenizer.encode("the kitchen").ids + [eos[0]] + [5, 6], eos) == "the kitchen"
 
 
 def test_context_limit_follows_yarn_scaling():
@@ -452,26 +453,26 @@ def test_context_limit_follows_yarn_scaling():
                      max_position_embeddings=32768)
         return qwen2.Qwen2Config.from_dict({**shape, **kw})
 
-    assert ev.context_limit(config()) == (32768, "max_position_embeddings")
+    assert evaluation.context_limit(config()) == (32768, "max_position_embeddings")
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    assert ev.context_limit(config(rope_scaling=yarn))[0] == 131072
+    assert evaluation.context_limit(config(rope_scaling=yarn))[0] == 131072
     # transformers 5 spelling
     yarn5 = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
-    assert ev.context_limit(config(rope_parameters=yarn5))[0] == 131072
-    assert ev.context_limit(config(rope_scaling=None))[0] == 32768
+    assert evaluation.context_limit(config(rope_parameters=yarn5))[0] == 131072
+    assert evaluation.context_limit(config(rope_scaling=None))[0] == 32768
 
 
 def test_batched_equals_one_at_a_time(tiny_model):
-    tokenizer = ev.load_tokenizer(tiny_model, "--model")
-    setup = ev.Setup(tiny_model, tokenizer, None, ev.eos_token_ids(tiny_model, tokenizer), 12)
+    tokenizer = evaluation.load_tokenizer(tiny_model, "--model")
+    setup = evaluation.Setup(tiny_model, tokenizer, None, evaluation.eos_token_ids(tiny_model, tokenizer), 12)
     source = ev.SyntheticData(count=3)
     samples = [s for n in ("0k", "1k") for s in source.samples("qa1", n, setup.count_tokens)]
-    prompts = setup.encode(ev.default_prompt("qa1"), samples)
+    prompts = ev.encode_prompts(setup, ev.default_prompt("qa1"), samples)
     assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ: padding is exercised
     model = qwen2.from_pretrained(tiny_model)
     one = [qwen2.generate(model, [p], 12, setup.eos)[0] for p in prompts]
-    assert ev.generate_batched(model, prompts, 1, 12, setup.eos) == one
-    assert ev.generate_batched(model, prompts, 4, 12, setup.eos) == one
+    assert evaluation.generate_batched(model, prompts, 1, 12, setup.eos) == one
+    assert evaluation.generate_batched(model, prompts, 4, 12, setup.eos) == one
     assert len({tuple(o) for o in one}) > 1  # outputs differ between prompts: a real comparison
 
 
@@ -489,7 +490,7 @@ def test_end_to_end_synthetic_with_resume(tiny_model, tmp_path, monkeypatch, cap
     assert names == sorted([f"{t}_{n}_{PLAIN}.{ext}" for t in ("qa1", "qa4") for n in ("0k", "1k")
                             for ext in ("csv", "json")] + ["results.json", "results.md"])
 
-    tokenizer = ev.load_tokenizer(tiny_model, "--model")
+    tokenizer = evaluation.load_tokenizer(tiny_model, "--model")
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
     with open(out / f"qa4_1k_{PLAIN}.csv", newline="") as f:
         table = list(csv.reader(f))

@@ -1,0 +1,402 @@
+"""What every generative benchmark needs; a benchmark file adds only its data, prompts and scoring.
+
+eval_babilong.py, eval_ruler.py, eval_longbench.py and eval_gpqa.py are built on this module:
+
+- the model side: `load_setup(model, max_new_tokens)` -> `Setup` (model directory, tokenizer, config, EOS
+  ids; `encode`, `count_tokens`, `decode`), `context_limit`, and `check_overflow`, which stops with one
+  line before any generation when prompts do not fit the model's context;
+- engines: `make_engine(args, setup)` -> an `Engine`, whose `generate(prompts, max_new_tokens)` turns
+  token-id prompts into generated token ids. `LocalEngine` is the built-in qwen2.py model (greedy, batched
+  longest first, the batch size halved on CUDA out-of-memory, prefill in chunks); it loads the weights on
+  its first call, so a run whose results are all on disk never loads them;
+- the command line: `add_common_args(parser)` adds --model, --out, --batch-size, --dtype, --device,
+  --prefill-chunk and --overflow; `check_common_args(args)` checks them, naming the flag;
+- files: `atomic_write`, `write_json`, `write_jsonl`, `read_jsonl`, `write_csv`, `read_csv` (a killed run
+  never leaves half a file), `is_finished` (resume: a result counts only if it was made with the same
+  settings), `markdown_table` and `percent` for results tables;
+- `main(prog, parser, run, argv, resume_note)`: parses, runs, and turns EvalError, CheckpointError, OSError
+  and Ctrl-C into one line on stderr, never a traceback.
+
+A new benchmark, in full (data, prompt and scoring are the benchmark's own):
+
+    import argparse, evaluation
+    from pathlib import Path
+
+    def run(args):
+        evaluation.check_common_args(args)
+        setup = evaluation.load_setup(args.model, max_new_tokens=32)
+        samples = [{"question": "2+2?", "answer": "4"}]                 # the benchmark's data
+        prompts = setup.encode([f"Q: {s['question']}\\nA:" for s in samples])
+        evaluation.check_overflow("arith", prompts, setup, args.overflow, "use shorter inputs")
+        engine = evaluation.make_engine(args, setup)
+        outputs = evaluation.generate_texts(engine, setup, prompts, desc="arith")
+        rows = [{**s, "output": o, "correct": o.startswith(s["answer"])} for s, o in zip(samples, outputs)]
+        evaluation.write_jsonl(Path(args.out) / "arith.jsonl", rows)
+        print(evaluation.markdown_table(["task", "accuracy"], [["arith", evaluation.percent(
+            sum(r["correct"] for r in rows) / len(rows))]]))
+
+    parser = argparse.ArgumentParser(prog="eval_arith.py")
+    evaluation.add_common_args(parser)
+    evaluation.main("eval_arith.py", parser, run, resume_note="the same command starts again")
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+import torch
+from tqdm import tqdm
+
+import data
+import qwen2
+
+
+class EvalError(Exception):
+    """A problem the user can fix (bad flag, missing file, ...). The message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model side: tokenizer, EOS ids, context limit
+
+
+def load_tokenizer(directory: Path, flag: str) -> tokenizers.Tokenizer:
+    if not (directory / "tokenizer.json").is_file():
+        raise EvalError(f"{flag}: no tokenizer.json in {directory} (the model directory needs the "
+                        f"tokenizer files next to config.json; copy them from the base model)")
+    try:
+        return data.load_tokenizer(directory)
+    except data.DataError as e:
+        raise EvalError(e.problems[0]) from None
+
+
+def eos_token_ids(directory: Path, tokenizer: tokenizers.Tokenizer) -> list[int]:
+    """Stop ids: generation_config.json's and config.json's eos_token_id, plus Qwen's end-of-turn and
+    end-of-text tokens where the tokenizer has them (a base model's config names only one of them)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise EvalError(f"{path}: not a valid JSON object ({e})") from None
+            ids.update([eos] if isinstance(eos, int) else eos or [])
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        if (i := tokenizer.token_to_id(token)) is not None:
+            ids.add(i)
+    return sorted(ids)
+
+
+def decode(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int]) -> str:
+    """The text of generated ids up to the first EOS, special tokens dropped, stripped."""
+    stop_ids = set(eos)
+    stop = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
+    return tokenizer.decode(ids[:stop], skip_special_tokens=True).strip()
+
+
+def context_limit(config: qwen2.Qwen2Config) -> tuple[int, str]:
+    """Positions a model is meant for: max_position_embeddings, or more with YaRN scaling (Qwen2.5's
+    long-context recipe keeps max_position_embeddings and adds a rope_scaling factor)."""
+    limit, what = config.max_position_embeddings, "max_position_embeddings"
+    scaling = config.rope_scaling or {}
+    if scaling.get("factor") and scaling.get("original_max_position_embeddings"):
+        scaled = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+        if scaled > limit:
+            limit, what = scaled, "rope_scaling factor x original_max_position_embeddings"
+    return limit, what
+
+
+@dataclass
+class Setup:
+    """What a run needs besides the model weights: the tokenizer side and the model's config."""
+
+    directory: Path
+    tokenizer: tokenizers.Tokenizer
+    config: qwen2.Qwen2Config
+    eos: list[int]
+    max_new_tokens: int
+
+    def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each text (encode_batch runs on all cores). A rendered chat prompt holds its own
+        special tokens: pass add_special_tokens=False for it (Qwen's tokenizer adds none either way)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return decode(self.tokenizer, ids, self.eos)
+
+    def generate_kwargs(self) -> dict:
+        """The generation settings in transformers' `generate` vocabulary (greedy), for result files."""
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": 1, "do_sample": False,
+                "temperature": None, "top_p": None, "top_k": None, "eos_token_id": self.eos}
+
+
+def load_setup(model: str | os.PathLike, max_new_tokens: int) -> Setup:
+    """Tokenizer, config and EOS ids of --model (a directory or hub id); the weights are not loaded."""
+    directory = qwen2.checkpoint_dir(model)
+    tokenizer = load_tokenizer(directory, f"--model {model}")
+    config = qwen2.Qwen2Config.from_json(directory / "config.json")  # a clear CheckpointError if bad
+    return Setup(directory, tokenizer, config, eos_token_ids(directory, tokenizer), max_new_tokens)
+
+
+def check_overflow(where: str, prompts: list[list[int]], setup: Setup, policy: str, remedy: str) -> None:
+    """Prompts plus the new tokens must fit the model's context: stop (policy 'error') or warn ('run').
+    `where` names the prompts ('qa1 4k'), `remedy` says how to leave them out ('leave out --lengths 4k')."""
+    limit, what_limit = context_limit(setup.config)
+    over = [len(p) for p in prompts if len(p) + setup.max_new_tokens > limit]
+    if not over:
+        return
+    what = (f"{where}: {len(over)} of {len(prompts)} prompts do not fit the model's context "
+            f"(longest {max(over)} prompt tokens + {setup.max_new_tokens} new > {what_limit} {limit})")
+    if policy == "error":
+        raise EvalError(f"{what}; pass --overflow run to generate past the trained positions anyway, or "
+                        f"{remedy}")
+    tqdm.write(f"warning: {what}; generating anyway (--overflow run)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines: token-id prompts in, generated token ids out
+
+
+def generate_batched(model: torch.nn.Module, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+                     eos: list[int], prefill_chunk: int | None = None, progress=None) -> list[list[int]]:
+    """Greedy outputs for every prompt, in the prompts' order.
+
+    Prompts go longest first in batches of similar length (little padding, and an out-of-memory shows
+    on the first batch). On a CUDA out-of-memory the batch size is halved for the rest of the run."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int] | None] = [None] * len(prompts)
+    kwargs = {"prefill_chunk": prefill_chunk} if prefill_chunk else {}
+    start = 0
+    while start < len(order):
+        idx = order[start:start + batch_size]
+        try:
+            new = qwen2.generate(model, [prompts[i] for i in idx], max_new_tokens, eos, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            new = None
+        if new is None:  # out of memory (handled here, once the failed batch's tensors are released)
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise EvalError(f"out of GPU memory on one prompt of {len(prompts[idx[0]])} tokens; try "
+                                f"--prefill-chunk 4096 or shorter prompts") from None
+            batch_size //= 2
+            tqdm.write(f"out of GPU memory: --batch-size lowered to {batch_size}")
+            continue
+        for i, ids in zip(idx, new, strict=True):
+            outputs[i] = ids
+        start += len(idx)
+        if progress is not None:
+            progress.update(len(idx))
+    return outputs
+
+
+class Engine:
+    """Generates continuations of token-id prompts.
+
+    `generate` returns, for each prompt in order, the new token ids: ending with the first EOS id when
+    the engine reports it, otherwise cut at max_new_tokens; `Setup.decode` turns them into text. Token ids
+    (not text) are the common currency so that a multi-turn caller can append them to the next prompt.
+    `describe()` is recorded beside the results (which model, which dtype or server)."""
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, progress=None) -> list[list[int]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class LocalEngine(Engine):
+    """The built-in qwen2.py model, greedy; the weights are loaded on the first `generate` call."""
+
+    def __init__(self, model: str | os.PathLike, setup: Setup, batch_size: int = 8, dtype: str = "auto",
+                 device: str | None = None, prefill_chunk: int | None = None):
+        self.name, self.setup = str(model), setup
+        self.batch_size, self.prefill_chunk = batch_size, prefill_chunk
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype if dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
+        self._model: torch.nn.Module | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = qwen2.from_pretrained(self.setup.directory, dtype=self.dtype, device=self.device).eval()
+        return self._model
+
+    def generate(self, prompts, max_new_tokens, progress=None):
+        return generate_batched(self.model, prompts, self.batch_size, max_new_tokens, self.setup.eos,
+                                self.prefill_chunk, progress=progress)
+
+    def describe(self):
+        return {"model": self.name, "dtype": self.dtype}
+
+
+def make_engine(args: argparse.Namespace, setup: Setup) -> Engine:
+    """The engine the common flags ask for (nothing is loaded yet)."""
+    return LocalEngine(args.model, setup, args.batch_size, args.dtype, args.device, args.prefill_chunk)
+
+
+def generate_texts(engine: Engine, setup: Setup, prompts: list[list[int]], desc: str,
+                   max_new_tokens: int | None = None) -> list[str]:
+    """Decoded outputs of every prompt, with a progress bar."""
+    with tqdm(total=len(prompts), desc=desc, unit="sample", leave=False) as bar:
+        new = engine.generate(prompts, max_new_tokens or setup.max_new_tokens, progress=bar)
+    return [setup.decode(ids) for ids in new]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_common_args(p: argparse.ArgumentParser, out_help: str = "results folder; finished parts are "
+                    "skipped on a rerun", batch_size: int = 8) -> None:
+    """The flags every benchmark has: the model, the results folder, and how to generate."""
+    p.add_argument("--model", metavar="DIR_OR_ID",
+                   help="model directory or hub id (config.json, safetensors weights, tokenizer.json)")
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                   help=f"prompts decoded together, halved on CUDA out-of-memory (default: {batch_size})")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="prefill long prompts N tokens at a time, to bound activation memory")
+    p.add_argument("--overflow", choices=["error", "run"], default="error",
+                   help="prompts (plus the new tokens) longer than the model's context: stop with an error "
+                        "before generating them (default), or run them anyway with a warning")
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Integer flags that, when given, must be at least 1 (names as attributes: 'batch_size')."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+def check_common_args(args: argparse.Namespace, need_out: bool = True) -> None:
+    """Check the common flags before anything is loaded; raises EvalError naming the flag."""
+    if not args.model:
+        raise EvalError("--model is required (a model directory or hub id)")
+    if need_out and not args.out:
+        raise EvalError("--out is required (the folder for predictions and results)")
+    check_positive(args, "batch_size", "prefill_chunk")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalError(f"--out {args.out}: is a file, expected a folder")
+
+
+def main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], object],
+         argv: list[str] | None = None, resume_note: str = "finished results are saved, the same command "
+         "resumes") -> int:
+    """Parse argv and run; a problem the user can fix ends in one line `{prog}: error: ...`."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (EvalError, qwen2.CheckpointError, OSError) as e:  # OSError: permissions, full disk, ...
+        sys.exit(f"{prog}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"{prog}: interrupted; {resume_note}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Result files: written whole or not at all; resume; tables
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary file and rename, so a killed run never leaves a half file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj, indent: int = 2) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent) + "\n"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file; a bad line is an EvalError naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    def write(f):
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    atomic_write(path, write)
+
+
+def read_csv(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict]:
+    """Rows of a CSV as {column: cell} for the given columns (others, e.g. an index, are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise EvalError(f"{path}: empty file (expected a CSV with columns {', '.join(columns)})")
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise EvalError(f"{path}: no column(s) {', '.join(missing)} (has: {', '.join(header)}); "
+                                f"expected the benchmark's CSV with columns {', '.join(columns)}")
+            where = {c: header.index(c) for c in columns}
+            rows = []
+            for n, row in enumerate(reader, 2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise EvalError(f"{path}:{n}: {len(row)} fields, the header has {len(header)}")
+                rows.append({c: row[i] for c, i in where.items()})
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise EvalError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
+    return rows
+
+
+def is_finished(result_path: Path, meta_path: Path, record: dict,
+                keys: tuple[str, ...] = ("prompt", "generate_kwargs", "data")) -> bool:
+    """A result is done when both files exist and the JSON `meta_path` was made with the same settings
+    (`record`'s values under `keys`). Result files are written whole, so they are never partial."""
+    if not (result_path.is_file() and meta_path.is_file()):
+        return False
+    try:
+        saved = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(saved, dict) and all(saved.get(k) == record[k] for k in keys)
+
+
+def percent(value: float | None) -> str:
+    """A fraction as a table cell in %, '-' when missing."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; the first column left-aligned (names), the others right-aligned (numbers)."""
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
