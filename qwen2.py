@@ -282,7 +282,7 @@ class KVCache:
     """Per-layer keys/values (B, kv_heads, T, head_dim) for generation.
 
     `pos` says where the next `update` writes: an int (prefill chunk starting there, all rows) or a
-    LongTensor (B,) (one decode token per row, rows of different lengths)."""
+    LongTensor (B,) (each row's tokens from its own position: one decode token, or a continuation)."""
 
     def __init__(self, config: Qwen2Config, batch: int, length: int, dtype: torch.dtype, device):
         shape = (batch, config.num_key_value_heads, length, config.head_dim)
@@ -295,11 +295,31 @@ class KVCache:
         if isinstance(self.pos, int):
             end = self.pos + k.shape[2]
             K[:, :, self.pos:end], V[:, :, self.pos:end] = k, v
-        else:
+        elif k.shape[2] == 1:
             rows = torch.arange(K.shape[0], device=K.device)
             K[rows, :, self.pos], V[rows, :, self.pos] = k[:, :, 0], v[:, :, 0]
             end = int(self.pos.max()) + 1
+        else:  # a chunk of S tokens per row, each row from its own position (a multi-turn continuation)
+            S = k.shape[2]
+            rows = torch.arange(K.shape[0], device=K.device)[:, None]
+            idx = self.pos[:, None] + torch.arange(S, device=K.device)  # (B, S)
+            K[rows, :, idx], V[rows, :, idx] = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, KV, hd)
+            end = int(self.pos.max()) + S
         return K[:, :, :end], V[:, :, :end]
+
+    def grow(self, length: int) -> None:
+        """Room for `length` positions per row (existing keys/values kept)."""
+        extra = length - self.k[0].shape[2]
+        if extra > 0:
+            for cache in (self.k, self.v):
+                for i, t in enumerate(cache):
+                    cache[i] = torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows (B' indices), in this order."""
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                cache[i] = t[rows]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
@@ -668,59 +688,142 @@ def save_weights(state: dict[str, Tensor], config: Qwen2Config, directory: str |
 # Generation
 
 
+def next_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Greedy (temperature 0) or sampled next tokens from logits (B, V) -> (B,). Sampling keeps the smallest
+    set of most likely tokens whose probability reaches top_p (nucleus sampling, as vLLM's top_p)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, order = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p (never the first)
+        p = p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class Decoder:
+    """Batched decoding whose rows grow over several calls: a multi-turn rollout's context (prompt, the
+    model's turn, a tool result, the next turn...) stays in the KV cache between its turns instead of being
+    encoded again. `extend` appends each row's new tokens and generates its next turn.
+
+    Per row: `length` tokens are in the cache; `carry` is the last generated token, fed with the row's
+    next extension (a finished row's last token is sampled but not yet run through the model)."""
+
+    def __init__(self, model: Qwen2ForCausalLM, prefill_chunk: int | None = None):
+        self.model, self.prefill_chunk = model, prefill_chunk
+        self.cache: KVCache | None = None
+        self.length: list[int] = []
+        self.carry: list[list[int]] = []
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (drop finished rollouts so they cost nothing)."""
+        if self.cache is not None:
+            self.cache.select(torch.tensor(rows, dtype=torch.long, device=self.model.device))
+        self.length = [self.length[r] for r in rows]
+        self.carry = [self.carry[r] for r in rows]
+
+    @torch.no_grad()
+    def extend(self, tokens: list[list[int]], max_new_tokens: list[int], eos_token_ids: list[int] | None = None,
+               temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """Append tokens[b] to row b and generate up to max_new_tokens[b] new tokens (0: the row is left
+        as it is). Returns each row's new tokens, ending with the first EOS id generated."""
+        model, device = self.model, self.model.device
+        if self.cache is None:
+            self.length, self.carry = [0] * len(tokens), [[] for _ in tokens]
+        if len(tokens) != len(self.length) or len(max_new_tokens) != len(self.length):
+            raise ValueError(f"extend: {len(tokens)} token lists and {len(max_new_tokens)} budgets for "
+                             f"{len(self.length)} rows")
+        active = [b for b, n in enumerate(max_new_tokens) if n > 0]
+        if not active:
+            return [[] for _ in tokens]
+        new = [self.carry[b] + list(tokens[b]) if b in active else [] for b in range(len(tokens))]
+        if any(len(new[b]) == 0 for b in active):
+            raise ValueError("generate: every prompt needs at least one token")
+        eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
+        B, L, budget = len(tokens), model.config.num_hidden_layers, max(max_new_tokens)
+        start = torch.tensor(self.length, device=device)
+        lengths = start + torch.tensor([len(t) for t in new], device=device)  # tokens after the prefill
+        S = max(len(t) for t in new)
+        ids = torch.zeros(B, S, dtype=torch.long, device=device)
+        for b, t in enumerate(new):
+            ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+        # Room for the longest extension and, per row, its whole budget (finished rows keep writing
+        # ignored tokens past their end until the batch stops, as they always have).
+        need = int(start.max()) + max(S, int((lengths - start).max()) + budget)
+        if self.cache is None:
+            self.cache = KVCache(model.config, B, need, model.dtype, device)
+        else:
+            self.cache.grow(need)
+        cache = self.cache
+
+        if not any(self.length):  # every row starts empty: right-padded prompts, causal prefill
+            chunk = self.prefill_chunk or S
+            last = torch.zeros(B, model.config.hidden_size, dtype=model.dtype, device=device)
+            for s in range(0, S, chunk):
+                e = min(s + chunk, S)
+                cache.pos = s
+                # Chunk queries s..e-1 see keys 0..e-1: causal, aligned at the bottom right.
+                mask = None if s == 0 else torch.ones(e - s, e, dtype=torch.bool, device=device).tril(s)
+                h = model.run_layers(model.embed(ids[:, s:e]), 0, L, mask=mask,
+                                     positions=torch.arange(s, e, device=device)[None], cache=cache)
+                in_chunk = (lengths - 1 >= s) & (lengths - 1 < e)  # rows whose last prompt token is here
+                idx = (lengths - 1 - s).clamp(0, e - s - 1)
+                last = torch.where(in_chunk[:, None], h[torch.arange(B, device=device), idx], last)
+        else:  # each row continues from its own length: per-row positions and masks
+            positions = start[:, None] + torch.arange(S, device=device)  # (B, S)
+            T = int(start.max()) + S
+            mask = (torch.arange(T, device=device)[None, None] <= positions[:, :, None])[:, None]  # (B,1,S,T)
+            cache.pos = start
+            h = model.run_layers(model.embed(ids), 0, L, mask=mask, positions=positions, cache=cache)
+            last = h[torch.arange(B, device=device), (lengths - start - 1).clamp(min=0)]
+        sampling = (temperature, top_p, generator)
+        token = next_token(model.logits(last), *sampling)  # (B,)
+
+        out = torch.empty(B, budget, dtype=torch.long, device=device)
+        limit = torch.tensor(max_new_tokens, device=device)
+        done = limit == 0
+        n_out = torch.zeros(B, dtype=torch.long, device=device)
+        pos = lengths.clone()  # where each row's next token goes
+        for t in range(budget):
+            out[:, t] = token
+            n_out += ~done
+            done |= torch.isin(token, eos) | (n_out >= limit)
+            if t == budget - 1 or bool(done.all()):
+                break
+            cache.pos = pos
+            T = int(pos.max()) + 1
+            mask = (torch.arange(T, device=device)[None] <= pos[:, None])[:, None, None]  # (B, 1, 1, T)
+            h = model.run_layers(model.embed(token[:, None]), 0, L, mask=mask, positions=pos[:, None],
+                                 cache=cache)
+            token = next_token(model.logits(h[:, -1]), *sampling)
+            pos = pos + 1
+        outputs = [out[b, :n].tolist() for b, n in enumerate(n_out.tolist())]
+        for b in active:  # all but the last new token are in the cache at their place
+            self.length[b] = int(lengths[b]) + len(outputs[b]) - 1
+            self.carry[b] = outputs[b][-1:]
+        return outputs
+
+
 @torch.no_grad()
 def generate(model: Qwen2ForCausalLM, prompts: list[list[int]], max_new_tokens: int,
-             eos_token_ids: list[int] | int | None = None,
-             prefill_chunk: int | None = None) -> list[list[int]]:
-    """Greedy decoding with a KV cache for a batch of prompts of different lengths.
+             eos_token_ids: list[int] | int | None = None, prefill_chunk: int | None = None,
+             temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Greedy (or, with a temperature, sampled) decoding with a KV cache for a batch of prompts of
+    different lengths.
 
     Returns each row's new tokens (prompt excluded), ending with the first EOS id generated, or after
     max_new_tokens. Prompts are right-padded: causal attention alone is then exact for every real
-    token, so prefill needs no S x S mask; `prefill_chunk` bounds its activation memory further."""
+    token, so prefill needs no S x S mask; `prefill_chunk` bounds its activation memory further.
+    Sampling draws from `generator` (seed it for repeatable samples); see next_token for top_p."""
     if isinstance(eos_token_ids, int):
         eos_token_ids = [eos_token_ids]
-    eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=model.device)
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    device, B, L = model.device, len(prompts), model.config.num_hidden_layers
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    S = int(lengths.max())
-    ids = torch.zeros(B, S, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-    cache = KVCache(model.config, B, S + max_new_tokens, model.dtype, device)
-
-    chunk = prefill_chunk or S
-    last = torch.zeros(B, model.config.hidden_size, dtype=model.dtype, device=device)
-    for s in range(0, S, chunk):
-        e = min(s + chunk, S)
-        cache.pos = s
-        # Chunk queries s..e-1 see keys 0..e-1: causal, aligned at the bottom right.
-        mask = None if s == 0 else torch.ones(e - s, e, dtype=torch.bool, device=device).tril(s)
-        h = model.run_layers(model.embed(ids[:, s:e]), 0, L, mask=mask,
-                             positions=torch.arange(s, e, device=device)[None], cache=cache)
-        in_chunk = (lengths - 1 >= s) & (lengths - 1 < e)  # rows whose last prompt token is here
-        idx = (lengths - 1 - s).clamp(0, e - s - 1)
-        last = torch.where(in_chunk[:, None], h[torch.arange(B, device=device), idx], last)
-    token = model.logits(last).argmax(-1)  # (B,)
-
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    n_out = torch.zeros(B, dtype=torch.long, device=device)
-    pos = lengths.clone()  # where each row's next token goes
-    for t in range(max_new_tokens):
-        out[:, t] = token
-        n_out += ~done
-        done |= torch.isin(token, eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
-        cache.pos = pos
-        T = int(pos.max()) + 1
-        mask = (torch.arange(T, device=device)[None] <= pos[:, None])[:, None, None]  # (B, 1, 1, T)
-        h = model.run_layers(model.embed(token[:, None]), 0, L, mask=mask, positions=pos[:, None],
-                             cache=cache)
-        token = model.logits(h[:, -1]).argmax(-1)
-        pos = pos + 1
-    return [out[b, :n].tolist() for b, n in enumerate(n_out.tolist())]
+    return Decoder(model, prefill_chunk).extend(prompts, [max_new_tokens] * len(prompts), eos_token_ids,
+                                                temperature, top_p, generator)
