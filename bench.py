@@ -12,12 +12,15 @@ Three ways to compute the loss and gradients of one micro-batch, on the same ran
                top layers only, response-position logits, inner gradients for the fast weights only;
   authors_way  the same numbers computed the authors' way (focusft.reference_focusft_loss): a full
                forward per inner step, full-vocabulary logits everywhere, fast weights in the outer graph.
-All three use the same mask (hybrid unless --causal) and the same activation-checkpointing setting.
+All three use the same mask (hybrid unless --causal) and the same activation-checkpointing setting;
+--inner-ckpt also checkpoints the layers with fast weights in FocuSFT (the authors' way already
+checkpoints every layer in every pass with --grad-ckpt, and SFT has no inner loop).
 A "step" is the forward and backward of one micro-batch; the optimizer step, identical for all three,
 is left out. Repetitions are interleaved after warm-up (so a slow period hits every variant) and
 the median is reported with the min-max spread.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated, reset per variant; on the CPU each variant
+Peak memory: on CUDA torch.cuda.max_memory_allocated above the allocation before the step, reset
+per variant, on the same model (gradients are released after every step); on the CPU each variant
 runs once in a fresh subprocess (after a short warm-up step) and reports its peak resident set size
 (VmHWM, reset just before the step) above the resident size just before the step, so the weights
 themselves are not counted; glibc is told to return freed blocks at once, so the resident size
@@ -78,6 +81,8 @@ def step_fn(variant: str, model, batch: dict, args):
     kw = dict(inner_steps=0 if variant == "sft" else args.inner_steps, layer_fraction=args.layer_fraction,
               rank=args.rank, alpha=args.alpha, causal=args.causal, checkpoint=args.grad_ckpt)
     loss_fn = focusft.reference_focusft_loss if variant == "authors_way" else focusft.focusft_step
+    if variant == "focusft":
+        kw["inner_checkpoint"] = args.inner_ckpt
 
     def step():
         g = torch.Generator().manual_seed(1)  # the same fast-weight draw every time
@@ -99,7 +104,8 @@ def sync(device):
 def flops_per_step(config: qwen2.Qwen2Config, seq: int, variant: str, args, n_targets: int) -> float:
     """Matrix FLOPs actually executed (for MFU): 2 per multiply-add; a backward that needs weight and
     input gradients costs 2x its forward, one that needs input gradients only 1x; a checkpointed
-    layer runs its forward twice. FocuSFT checkpoints the layers below the fast weights only."""
+    layer runs its forward twice. FocuSFT checkpoints the layers below the fast weights, and with
+    --inner-ckpt the layers with fast weights too, in the inner steps and in the outer pass."""
     d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * config.head_dim
     layer = 2 * seq * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size) + 4 * seq * seq * d
@@ -111,8 +117,9 @@ def flops_per_step(config: qwen2.Qwen2Config, seq: int, variant: str, args, n_ta
         return L * layer * train + head * n_targets * 3
     if variant == "focusft":
         top = len(focusft.adapted_layers(L, args.layer_fraction))
-        inner = K * (top * layer * 2 + head * n_targets * 2)  # forward + input-gradient backward
-        return (L - top) * layer * train + top * layer * 3 + inner + head * n_targets * 3
+        again = 1 if args.inner_ckpt else 0  # the top layers' recomputation
+        inner = K * (top * layer * (2 + again) + head * n_targets * 2)  # forward (+ again) + input-gradient backward
+        return (L - top) * layer * train + top * layer * (3 + again) + inner + head * n_targets * 3
     inner = K * (L * layer * (2 + recompute) + head * seq * 2)
     return L * layer * train + inner + head * seq * 3
 
@@ -123,17 +130,10 @@ def peak_rss_mb() -> float:
 
 
 def measure_memory_here(variant: str, args) -> float:
-    """Peak memory (MB) of one step of `variant` in this process (see the module docstring)."""
+    """Peak memory (MB) of one step of `variant` in this fresh CPU process (see the module docstring)."""
     model, batch = build(args)
     device = model.device
     step = step_fn(variant, model, batch, args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
     # A short warm-up step first, so that library code and thread pools paged in by the first step
     # are part of the baseline, not of the variant's peak.
     step_fn(variant, model, make_batch(min(64, args.seq), model.config.vocab_size, args.response_fraction,
@@ -169,6 +169,9 @@ def parse_args(argv=None):
     g.add_argument("--causal", action="store_true", help="causal mask instead of the hybrid mask")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing of decoder layers (all variants)")
+    g.add_argument("--inner-ckpt", action=argparse.BooleanOptionalAction, default=False,
+                   help="FocuSFT: checkpoint the layers with fast weights too, in both loops (focusft.py's "
+                        "--inner-ckpt)")
     g = p.add_argument_group("measurement")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and activations")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -215,19 +218,23 @@ def peak_tflops(args) -> float | None:
     return None
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.measure_memory_of:
-        print(json.dumps({"peak_mb": measure_memory_here(args.measure_memory_of, args)}))
-        return {}
-    torch.manual_seed(0)
-    model, batch = build(args)
+def cuda_peak_mb(step, device) -> float:
+    """Peak memory (MB) of one step above what is allocated before it (the model, the batch)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def measure(model, batch: dict, args) -> dict:
+    """Step time, tokens/s, MFU (with a known peak) and, on CUDA, peak memory of each of args.variants
+    on this model and batch; repetitions interleaved after warm-up."""
     device, config = model.device, model.config
     n_targets = int(focusft.targets_of(batch["input_ids"], batch["loss_mask"],
                                        batch["attention_mask"])[1].numel())
     steps = {v: step_fn(v, model, batch, args) for v in args.variants}
-    if args.profile:
-        return profile(step_fn(args.profile, model, batch, args))
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -243,36 +250,57 @@ def main(argv=None) -> dict:
     shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
     result = {"config": {k: getattr(config, k) for k in shape},
-              "seq": args.seq, "response_tokens": n_targets, "inner_steps": args.inner_steps,
-              "layer_fraction": args.layer_fraction, "dtype": args.dtype, "device": args.device,
-              "grad_ckpt": args.grad_ckpt, "mask": "causal" if args.causal else "hybrid",
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "seq": int(batch["input_ids"].shape[1]), "response_tokens": n_targets,
+              "inner_steps": args.inner_steps, "layer_fraction": args.layer_fraction, "dtype": args.dtype,
+              "device": args.device, "grad_ckpt": args.grad_ckpt, "inner_ckpt": args.inner_ckpt,
+              "mask": "causal" if args.causal else "hybrid", "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
     peak = peak_tflops(args)
     for v, ts in times.items():
         result[f"{v}_s"] = statistics.median(ts)
         result[f"{v}_min_s"], result[f"{v}_max_s"] = min(ts), max(ts)
-        result[f"{v}_tokens_per_s"] = args.seq / statistics.median(ts)
+        result[f"{v}_tokens_per_s"] = result["seq"] / statistics.median(ts)
         if peak:
-            flops = flops_per_step(config, args.seq, v, args, n_targets)
+            flops = flops_per_step(config, result["seq"], v, args, n_targets)
             result[f"{v}_mfu"] = flops / statistics.median(ts) / (peak * 1e12)
-    if not args.no_memory:
-        for v in args.variants:
-            if device.type == "cuda":
-                result[f"{v}_peak_mb"] = measure_memory_here(v, args)
-            else:
-                cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-                       "--measure-memory-of", v]
-                # glibc otherwise keeps freed blocks below a moving threshold in its heap, and the
-                # resident size would report the allocator's history rather than live tensors.
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-                result[f"{v}_peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    if not args.no_memory and device.type == "cuda":
+        for v, step in steps.items():
+            result[f"{v}_peak_mb"] = cuda_peak_mb(step, device)
+    return result
+
+
+def ratios(result: dict) -> dict:
+    """The comparisons the table ends with, for the variants measured."""
+    out = {}
     if "sft_s" in result and "focusft_s" in result:
-        result["focusft_over_sft"] = result["focusft_s"] / result["sft_s"]
+        out["focusft_over_sft"] = result["focusft_s"] / result["sft_s"]
     if "authors_way_s" in result and "focusft_s" in result:
-        result["authors_way_over_focusft"] = result["authors_way_s"] / result["focusft_s"]
+        out["authors_way_over_focusft"] = result["authors_way_s"] / result["focusft_s"]
     if "authors_way_peak_mb" in result and "focusft_peak_mb" in result:
-        result["focusft_over_authors_way_memory"] = result["focusft_peak_mb"] / result["authors_way_peak_mb"]
+        out["focusft_over_authors_way_memory"] = result["focusft_peak_mb"] / result["authors_way_peak_mb"]
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.measure_memory_of:
+        print(json.dumps({"peak_mb": measure_memory_here(args.measure_memory_of, args)}))
+        return {}
+    torch.manual_seed(0)
+    model, batch = build(args)
+    if args.profile:
+        return profile(step_fn(args.profile, model, batch, args))
+    result = measure(model, batch, args)
+    if not args.no_memory and model.device.type == "cpu":
+        for v in args.variants:
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                   "--measure-memory-of", v]
+            # glibc otherwise keeps freed blocks below a moving threshold in its heap, and the
+            # resident size would report the allocator's history rather than live tensors.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            result[f"{v}_peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    result.update(ratios(result))
 
     if args.json:
         print(json.dumps(result))
@@ -310,7 +338,8 @@ def table(r: dict, variants) -> str:
              f"{c['num_hidden_layers']} layers, {c['num_attention_heads']}/{c['num_key_value_heads']} heads, "
              f"vocab {c['vocab_size']}; seq {r['seq']} ({r['response_tokens']} response tokens), "
              f"K={r['inner_steps']}, layer fraction {r['layer_fraction']}, {r['dtype']} on {r['device']}, "
-             f"{r['mask']} mask, activation checkpointing {'on' if r['grad_ckpt'] else 'off'}",
+             f"{r['mask']} mask, activation checkpointing {'on' if r['grad_ckpt'] else 'off'}"
+             f"{', inner checkpointing on' if r['inner_ckpt'] else ''}",
              "",
              "| variant | step (median) | spread (min-max) | tokens/s | peak memory |" + (
                  " MFU |" if any(f"{v}_mfu" in r for v in variants) else ""),

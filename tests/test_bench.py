@@ -28,12 +28,12 @@ def test_bench_json_has_every_key():
 
 
 def test_bench_table_prints_all_rows(capsys):
-    bench.main([*TINY, "--no-memory", "--causal", "--no-grad-ckpt"])
+    bench.main([*TINY, "--no-memory", "--causal", "--no-grad-ckpt", "--inner-ckpt"])
     out = capsys.readouterr().out
     for v in bench.VARIANTS:
         assert f"| {v} |" in out
     assert "FocuSFT / SFT step time" in out and "authors' way / FocuSFT step time" in out
-    assert "causal mask, activation checkpointing off" in out
+    assert "causal mask, activation checkpointing off, inner checkpointing on" in out
 
 
 def test_flops_estimate_orders_the_variants():
@@ -41,6 +41,10 @@ def test_flops_estimate_orders_the_variants():
     config = bench.make_config(args)
     f = {v: bench.flops_per_step(config, 256, v, args, 64) for v in bench.VARIANTS}
     assert f["sft"] < f["focusft"] < f["authors_way"]
+    # --inner-ckpt recomputes the top layers in FocuSFT's inner steps and outer pass, and nothing else
+    inner = bench.parse_args([*TINY, "--inner-ckpt"])
+    g = {v: bench.flops_per_step(config, 256, v, inner, 64) for v in bench.VARIANTS}
+    assert g["focusft"] > f["focusft"] and g["sft"] == f["sft"] and g["authors_way"] == f["authors_way"]
 
 
 def test_bench_profile_mode(capsys):
