@@ -25,9 +25,11 @@ rounded to two decimals. Predictions are written as LongBench writes them: `<tas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import string
+import sys
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -43,14 +45,15 @@ from huggingface_hub.utils import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from tqdm import tqdm
 
 import data
+import evaluation
 
 PROG = "eval_longbench.py"
 
 
-class EvalError(Exception):
-    """A problem the user can fix (bad flag, missing file, ...). The message is one line for the user."""
+EvalError = evaluation.EvalError  # a problem the user can fix: one line, no traceback
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,3 +483,158 @@ def score_dir(folder: str | Path) -> dict[str, float]:
         print(f"not scored (no metric here): {', '.join(skipped)}")
     print(results_table(scores, counts))
     return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation run
+
+
+def decode_prediction(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int]) -> str:
+    """pred.py's prediction: the new tokens up to the first EOS, special tokens dropped, NOT stripped
+    (eval.py cuts triviaqa/trec at the first line after leading newlines only, so spaces matter)."""
+    stop = next((k for k, t in enumerate(ids) if t in set(eos)), len(ids))
+    return tokenizer.decode(ids[:stop], skip_special_tokens=True)
+
+
+def task_record(args: argparse.Namespace, task: str, setup: evaluation.Setup, source) -> dict:
+    """What a task's predictions depend on; a rerun reuses them only if all of it is the same."""
+    return {"prompt": {"template": PROMPTS[task], "max_length": args.max_length,
+                       "chat_template": bool(args.chat_template and task not in NO_CHAT_TASKS)},
+            "generate_kwargs": setup.generate_kwargs(),
+            "data": {**source.describe(), "max_samples": args.max_samples}}
+
+
+@dataclasses.dataclass
+class Job:
+    task: str
+    setup: evaluation.Setup  # with the task's max new tokens
+    samples: list[dict]
+    prompts: list[list[int]]
+    record: dict
+
+
+def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source, record: dict) -> Job:
+    """A task's samples and token-id prompts, checked against the model's context (before any generation)."""
+    samples = source.samples(task)[:args.max_samples]  # [:None] is all
+    if not samples:
+        raise EvalError(f"{source.where}: {task} has no samples")
+    texts = [model_input(task, s, setup.tokenizer, args.max_length, record["prompt"]["chat_template"])
+             for s in samples]
+    prompts = setup.encode(texts)  # as pred.py: tokenizer(prompt), also for the chat-wrapped text
+    evaluation.check_overflow(task, prompts, setup, args.overflow,
+                              f"lower --max-length (now {args.max_length})")
+    return Job(task, setup, samples, prompts, record)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, float]:
+    """Generate and score every requested task not already finished in --out; write the predictions,
+    result.json (LongBench's format) and results.md; print the table; return the scores."""
+    base = evaluation.load_setup(args.model, max_new_tokens=max(MAX_NEW_TOKENS[t] for t in args.tasks))
+    source = make_source(args)
+    out = Path(args.out)
+    scores, counts, jobs = {}, {}, []
+    for task in args.tasks:
+        setup = dataclasses.replace(base, max_new_tokens=MAX_NEW_TOKENS[task])
+        record = task_record(args, task, setup, source)
+        preds, meta = out / f"{task}.jsonl", out / f"{task}.json"
+        if evaluation.is_finished(preds, meta, record):
+            rows = read_prediction_rows(preds)
+            scores[task], counts[task] = task_score(task, rows), len(rows)
+            print(f"{task}: done before, skipped ({preds})")
+        else:
+            jobs.append((task, setup, record))
+    if jobs:
+        source.check([task for task, _, _ in jobs])
+        # Every prompt is built and checked before the first generation: a bad file or a prompt over the
+        # model's context stops the run at the start, not after hours.
+        jobs = [prepare(args, task, setup, source, record) for task, setup, record in jobs]
+        out.mkdir(parents=True, exist_ok=True)
+        engine = evaluation.make_engine(args, base)
+        print(f"{len(jobs)} of {len(args.tasks)} tasks to run; writing to {out}")
+    for job in jobs:
+        with tqdm(total=len(job.prompts), desc=job.task, unit="sample", leave=False) as bar:
+            new = engine.generate(job.prompts, job.setup.max_new_tokens, progress=bar)
+        rows = prediction_rows(job.samples, [decode_prediction(base.tokenizer, ids, base.eos) for ids in new])
+        score = task_score(job.task, rows)
+        evaluation.write_jsonl(out / f"{job.task}.jsonl", rows)
+        lengths = [len(p) for p in job.prompts]
+        evaluation.write_json(out / f"{job.task}.json", {
+            **job.record, **engine.describe(), "samples": len(rows), "score": score, "metric": METRICS[job.task],
+            "prompt_tokens": {"max": max(lengths), "mean": round(sum(lengths) / len(lengths), 1)}})
+        scores[job.task], counts[job.task] = score, len(rows)
+        print(f"{job.task}: {METRICS[job.task]} {score:.2f} ({len(rows)} samples) -> {out / job.task}.jsonl")
+
+    scores = {t: scores[t] for t in args.tasks}
+    table = results_table(scores, {t: counts[t] for t in args.tasks})
+    header = (f"LongBench scores of {args.model} (x 100; the average is over the tasks)\n\n"
+              f"prompt budget {args.max_length} tokens, middle truncation; chat template "
+              f"{'on (QA tasks)' if args.chat_template else 'off'}; greedy; data {json.dumps(source.describe())}")
+    (out / "results.md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
+    evaluation.write_json(out / "result.json", scores, indent=4)
+    print(f"\n{table}\n\nsaved {out / 'result.json'} and {out / 'results.md'}")
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_common_args(p, out_help="predictions folder (LongBench's pred/<model>/ layout): <task>.jsonl "
+                               "and <task>.json per task, result.json, results.md; finished tasks are skipped "
+                               "on a rerun")
+    p.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), metavar="TASK",
+                   help=f"LongBench tasks (default: the paper's {' '.join(PAPER_TASKS)}; also: "
+                        f"{' '.join(t for t in TASKS if t not in PAPER_TASKS)})")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, metavar="N",
+                   help=f"prompt budget in tokens before chat wrapping; longer prompts keep their first and last "
+                        f"N/2 tokens (default: {DEFAULT_MAX_LENGTH}, LongBench's for 8K models; 31500 for 32K)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=False,
+                   help="wrap the truncated prompt as one user turn in Qwen's chat format, as LongBench does for "
+                        "chat models (not for trec/triviaqa); default off, for a base model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default=HUB_DATASET, metavar="REPO",
+                     help=f"hub dataset holding LongBench's {HUB_FILE} (default: {HUB_DATASET}); downloaded once "
+                          f"into the hub cache, then HF_HUB_OFFLINE=1 works")
+    src.add_argument("--data-dir", metavar="DIR",
+                     help="local data instead: a folder of LongBench's <task>.jsonl files (data.zip's data/), or "
+                          "data.zip itself")
+    p.add_argument("--revision", default="main", help="branch, tag or commit of --dataset (default: main)")
+    p.add_argument("--max-samples", type=int, metavar="N", help="only the first N samples of each task (smoke runs)")
+    p.add_argument("--score-dir", metavar="DIR",
+                   help="only re-score a folder of predictions in LongBench's layout (<task>.jsonl with pred and "
+                        "answers), as LongBench's eval.py does; writes result.json there")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check the flags before anything is loaded; raises EvalError naming the flag."""
+    evaluation.check_common_args(args)
+    for task in args.tasks:
+        if task in NOT_IMPLEMENTED:
+            raise EvalError(f"--tasks: {task} is scored with LongBench's {NOT_IMPLEMENTED[task]}, which this "
+                            f"script does not implement (it runs: {' '.join(TASKS)})")
+        if task not in TASKS:
+            raise EvalError(f"--tasks: unknown task {task!r} (LongBench tasks here: {' '.join(TASKS)})")
+    args.tasks = list(dict.fromkeys(args.tasks))
+    evaluation.check_positive(args, "max_samples")
+    if args.max_length < 2:
+        raise EvalError(f"--max-length must be at least 2 (got {args.max_length})")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.score_dir:
+        score_dir(args.score_dir)
+    else:
+        validate(args)
+        evaluate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return evaluation.main(PROG, build_parser(), run, argv,
+                           resume_note="finished tasks are saved, the same command resumes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

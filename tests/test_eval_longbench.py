@@ -209,3 +209,83 @@ def test_score_dir(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not scored (no metric here): gov_report" in out
     assert "| hotpotqa | qa_f1_score | 3 | 66.67 |" in out and "| average | | | 33.34 |" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# The full run on a tiny random model
+
+
+def longbench_dir(root, tasks=("hotpotqa", "triviaqa"), n=2, n_items=150):
+    """LongBench's data folder with n short records per task, sample 0 with a long context."""
+    for task in tasks:
+        records = [record(i, task) for i in range(n)]
+        records[0]["context"] = " ".join(f"item{k} is in room{k}." for k in range(n_items))
+        write_task(root, task, records)
+    return root
+
+
+def test_default_tasks_are_the_papers():
+    assert lb.build_parser().parse_args([]).tasks == ["narrativeqa", "qasper", "multifieldqa_en", "hotpotqa"]
+    assert lb.build_parser().parse_args([]).max_length == 7500
+
+
+def test_end_to_end_with_resume(tiny, tmp_path, capsys, monkeypatch):
+    # hotpotqa and triviaqa: the shortest outputs (32 tokens), one QA task and one that is never chat-wrapped
+    data_dir, out = longbench_dir(tmp_path / "data"), tmp_path / "out"
+    args = ["--model", str(tiny.model), "--data-dir", str(data_dir), "--out", str(out), "--max-length", "200",
+            "--batch-size", "2", "--tasks", "hotpotqa", "triviaqa"]
+    assert lb.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| task | metric | samples | score |" in printed and "| average | | |" in printed
+    scores = json.loads((out / "result.json").read_text())
+    assert list(scores) == ["hotpotqa", "triviaqa"]
+    for task in scores:
+        rows = [json.loads(line) for line in (out / f"{task}.jsonl").read_text().splitlines()]
+        assert [list(r) for r in rows] == [["pred", "answers", "all_classes", "length"]] * 2  # LongBench's layout
+        assert [r["answers"] for r in rows] == [["room0"], ["room1"]]                       # the data's order
+        meta = json.loads((out / f"{task}.json").read_text())
+        assert meta["generate_kwargs"]["max_new_tokens"] == lb.MAX_NEW_TOKENS[task]
+        assert 190 <= meta["prompt_tokens"]["max"] <= 202                                   # truncated
+        assert scores[task] == lb.task_score(task, rows)
+    assert lb.score_dir(out) == scores                                                      # eval.py agrees
+    capsys.readouterr()
+
+    # a rerun reuses every finished task and never loads the model
+    monkeypatch.setattr(lb.evaluation.LocalEngine, "generate", lambda *a, **k: pytest.fail("must not generate"))
+    assert lb.main(args) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+    monkeypatch.undo()
+    before = (out / "triviaqa.jsonl").read_text()
+    (out / "hotpotqa.jsonl").unlink()  # as if killed during hotpotqa
+    assert lb.main(args) == 0
+    assert "1 of 2 tasks to run" in capsys.readouterr().out
+    # the chat format changes hotpotqa's prompts only: triviaqa (few-shot) is never wrapped
+    assert lb.main(args + ["--chat-template"]) == 0
+    assert "1 of 2 tasks to run" in capsys.readouterr().out
+    assert json.loads((out / "hotpotqa.json").read_text())["prompt"]["chat_template"] is True
+    assert (out / "triviaqa.jsonl").read_text() == before
+
+
+def test_prompt_over_the_context_stops_before_generating(tiny, tmp_path, monkeypatch):
+    data_dir = longbench_dir(tmp_path / "data", tasks=("hotpotqa",), n_items=400)  # ~5400 tokens > 4096
+    monkeypatch.setattr(lb.evaluation.LocalEngine, "generate", lambda *a, **k: pytest.fail("must not generate"))
+    with pytest.raises(SystemExit) as e:
+        lb.main(["--model", str(tiny.model), "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
+                 "--tasks", "hotpotqa", "--max-length", "8000"])
+    message = str(e.value)
+    assert message.startswith("eval_longbench.py: error: hotpotqa: 1 of 2 prompts do not fit the model's context")
+    assert "--max-length" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--tasks", "gov_report"], "--tasks: gov_report is scored with LongBench's rouge_score"),
+    (["--tasks", "hotpot"], "--tasks: unknown task 'hotpot'"),
+    (["--max-length", "1"], "--max-length must be at least 2"),
+    (["--max-samples", "0"], "--max-samples must be at least 1"),
+    (["--data-dir", "/nonexistent/longbench"], "--data-dir /nonexistent/longbench: no such folder"),
+])
+def test_cli_errors_are_one_line(tiny, tmp_path, flags, fragment):
+    with pytest.raises(SystemExit) as e:
+        lb.main(["--model", str(tiny.model), "--out", str(tmp_path / "out"), *flags])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
