@@ -36,7 +36,7 @@ def test_docs_are_linked_and_stay_inside_the_repository():
         assert f"]({name})" in README, f"README does not link {name}"
 
 
-SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "bench.py": [[]], "demo.py": [[]],
+SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "bench.py": [[]], "demo.py": [[]],
            "data.py": [["synth"], ["check"]]}
 
 
