@@ -741,8 +741,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         write_predictions(csv_path, rows)
         counts[task, length] = c, n = score(task, rows)
         files = source.files(task, length) if isinstance(source, FileData) else []
-        write_json(json_path, {**record, "files": files, **engine.describe(), "samples": n, "accuracy": c / n},
-                   indent=4)
+        write_json(json_path, {**record, "files": files, "model": str(args.model), **engine.describe(),
+                               "samples": n, "accuracy": c / n}, indent=4)
         print(f"{task} {length}: accuracy {c / n:.3f} ({c}/{n}) -> {csv_path}")
     return write_results(args, setup, counts, data_record)
 
@@ -862,6 +862,8 @@ def validate(args: argparse.Namespace) -> None:
     check_positive(args, "max_samples", "max_new_tokens")
     if args.task:
         raise EvalError("--task goes with --score-csv; use --tasks to choose what to evaluate")
+    if args.benchmark and args.server:
+        raise EvalError("--benchmark measures the built-in model; it does not take --server")
     if args.synthetic:
         SyntheticData().check([(t, "0k") for t in args.tasks])
     validate_prompt(args)

@@ -5,12 +5,18 @@ eval_babilong.py, eval_ruler.py, eval_longbench.py and eval_gpqa.py are built on
 - the model side: `load_setup(model, max_new_tokens)` -> `Setup` (model directory, tokenizer, config, EOS
   ids; `encode`, `count_tokens`, `decode`), `context_limit`, and `check_overflow`, which stops with one
   line before any generation when prompts do not fit the model's context;
-- engines: `make_engine(args, setup)` -> an `Engine`, whose `generate(prompts, max_new_tokens)` turns
-  token-id prompts into generated token ids. `LocalEngine` is the built-in qwen2.py model (greedy, batched
-  longest first, the batch size halved on CUDA out-of-memory, prefill in chunks); it loads the weights on
-  its first call, so a run whose results are all on disk never loads them;
+- engines: `make_engine(args, setup)` -> an `Engine`, whose `generate(prompts, max_new_tokens, progress,
+  sampling)` turns token-id prompts into generated token ids (list in, list out, in order; each output
+  ends with its EOS id when generation stopped there). `LocalEngine` is the built-in qwen2.py model
+  (greedy, batched longest first, the batch size halved on CUDA out-of-memory, prefill in chunks); it
+  loads the weights on its first call, so a run whose results are all on disk never loads them.
+  `ServerEngine` (--server URL) sends the same token ids to any OpenAI-compatible /v1/completions
+  endpoint (`vllm serve CHECKPOINT`), so the same command scales out to a GPU node. `Sampling`
+  (temperature, top_p, seed) defaults to greedy; a multi-turn caller sends each turn's whole
+  conversation as the next prompt (vLLM's prefix cache keeps that cheap);
 - the command line: `add_common_args(parser)` adds --model, --out, --batch-size, --dtype, --device,
-  --prefill-chunk and --overflow; `check_common_args(args)` checks them, naming the flag;
+  --prefill-chunk, --overflow, --server and --server-model; `check_common_args(args)` checks them, naming
+  the flag;
 - files: `atomic_write`, `write_json`, `write_jsonl`, `read_jsonl`, `write_csv`, `read_csv` (a killed run
   never leaves half a file), `is_finished` (resume: a result counts only if it was made with the same
   settings), `markdown_table` and `percent` for results tables;
@@ -31,6 +37,7 @@ A new benchmark, in full (data, prompt and scoring are the benchmark's own):
         engine = evaluation.make_engine(args, setup)
         outputs = evaluation.generate_texts(engine, setup, prompts, desc="arith")
         rows = [{**s, "output": o, "correct": o.startswith(s["answer"])} for s, o in zip(samples, outputs)]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         evaluation.write_jsonl(Path(args.out) / "arith.jsonl", rows)
         print(evaluation.markdown_table(["task", "accuracy"], [["arith", evaluation.percent(
             sum(r["correct"] for r in rows) / len(rows))]]))
@@ -43,12 +50,17 @@ A new benchmark, in full (data, prompt and scoring are the benchmark's own):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import csv
 import json
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tokenizers
@@ -57,6 +69,8 @@ from tqdm import tqdm
 
 import data
 import qwen2
+
+SERVER_TIMEOUT_S = 3600.0  # one completion at 128K tokens of context can take minutes on a busy server
 
 
 class EvalError(Exception):
@@ -200,15 +214,35 @@ def generate_batched(model: torch.nn.Module, prompts: list[list[int]], batch_siz
     return outputs
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each token. The default, temperature 0, is greedy decoding (every benchmark but GPQA).
+    With sampling, prompt i of a `generate` call is seeded with `seed + i`, so equal prompts (rollouts of
+    one problem) get different samples and a rerun gets the same ones."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = Sampling()
+
+
 class Engine:
     """Generates continuations of token-id prompts.
 
     `generate` returns, for each prompt in order, the new token ids: ending with the first EOS id when
-    the engine reports it, otherwise cut at max_new_tokens; `Setup.decode` turns them into text. Token ids
-    (not text) are the common currency so that a multi-turn caller can append them to the next prompt.
-    `describe()` is recorded beside the results (which model, which dtype or server)."""
+    generation stopped there, otherwise cut at max_new_tokens; `Setup.decode` turns them into text.
+    Token ids (not text) are the common currency: the prompt the model saw is exactly the one the
+    benchmark built, whichever engine runs it, and a multi-turn caller can append the ids it got to its
+    next prompt. `describe()` is recorded beside the results (which model, dtype or server)."""
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, progress=None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, progress=None,
+                 sampling: Sampling = GREEDY) -> list[list[int]]:
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -232,7 +266,9 @@ class LocalEngine(Engine):
             self._model = qwen2.from_pretrained(self.setup.directory, dtype=self.dtype, device=self.device).eval()
         return self._model
 
-    def generate(self, prompts, max_new_tokens, progress=None):
+    def generate(self, prompts, max_new_tokens, progress=None, sampling=GREEDY):
+        if not sampling.greedy:
+            raise EvalError("the built-in engine decodes greedily only; sample with --server")
         return generate_batched(self.model, prompts, self.batch_size, max_new_tokens, self.setup.eos,
                                 self.prefill_chunk, progress=progress)
 
@@ -240,8 +276,100 @@ class LocalEngine(Engine):
         return {"model": self.name, "dtype": self.dtype}
 
 
+def _error_detail(raw: bytes) -> str:
+    """The message of an error answer (OpenAI: {"error": {"message"}}, vLLM: {"message"}), on one line."""
+    text = raw.decode("utf-8", "replace")
+    with contextlib.suppress(ValueError, AttributeError):
+        answer = json.loads(text)
+        error = answer.get("error") if isinstance(answer.get("error"), dict) else answer
+        text = str(error.get("message", text))
+    return " ".join(text.split())[:300]
+
+
+class ServerEngine(Engine):
+    """Any OpenAI-compatible completions endpoint (`vllm serve CHECKPOINT`, SGLang, ...).
+
+    Each prompt is one POST to {url}/v1/completions with the prompt as a list of token ids, so the
+    server sees exactly the tokens the built-in engine would; up to `concurrency` requests are in flight
+    and the server batches them. The body asks for `stop_token_ids` (our EOS ids) and `return_token_ids`
+    (vLLM's extensions; other servers ignore them). Without token ids in the answer, the returned text is
+    encoded again and, when the server says it stopped (finish_reason 'stop'), ends with our first EOS
+    id; the decoded text, what a benchmark scores, is the same either way. $OPENAI_API_KEY, when set,
+    is sent as the bearer token (vllm serve --api-key)."""
+
+    def __init__(self, url: str, setup: Setup, model_name: str | None = None, concurrency: int = 8,
+                 timeout: float = SERVER_TIMEOUT_S):
+        base = url.rstrip("/")
+        self.url, self.setup, self.concurrency, self.timeout = url, setup, concurrency, timeout
+        self.api = base if base.endswith("/v1") else f"{base}/v1"
+        self._model_name = model_name
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        """One call to the server: JSON in and out; any failure is an EvalError naming --server."""
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get("OPENAI_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        payload = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.api}/{path}", data=payload, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise EvalError(f"--server {self.url}: {path} answered HTTP {e.code} ({_error_detail(e.read())})") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise EvalError(f"--server {self.url}: cannot reach {self.api}/{path} ({reason})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"--server {self.url}: {path} did not answer JSON ({e})") from None
+
+    def model_name(self) -> str:
+        """--server-model, or the one model the server lists (GET /v1/models)."""
+        if self._model_name is None:
+            listed = [m.get("id") for m in self._request("models").get("data", []) if isinstance(m, dict)]
+            if len(listed) != 1:
+                raise EvalError(f"--server {self.url}: serves {len(listed)} models ({', '.join(map(str, listed))}); "
+                                f"name one with --server-model")
+            self._model_name = listed[0]
+        return self._model_name
+
+    def complete(self, prompt: list[int], max_new_tokens: int, sampling: Sampling) -> list[int]:
+        body = {"model": self.model_name(), "prompt": prompt, "max_tokens": max_new_tokens,
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "stop_token_ids": self.setup.eos,
+                "return_token_ids": True}
+        if not sampling.greedy:
+            body["seed"] = sampling.seed
+        answer = self._request("completions", body)
+        try:
+            choice = answer["choices"][0]
+            if isinstance(choice.get("token_ids"), list):
+                return [int(t) for t in choice["token_ids"]]
+            ids = self.setup.encode([choice["text"]], add_special_tokens=False)[0]
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise EvalError(f"--server {self.url}: completions answered without choices[0].text "
+                            f"({type(e).__name__}: {e})") from None
+        if choice.get("finish_reason") == "stop" and not set(ids) & set(self.setup.eos):
+            ids.append(self.setup.eos[0])
+        return ids
+
+    def generate(self, prompts, max_new_tokens, progress=None, sampling=GREEDY):
+        self.model_name()  # listed once here, before the requests fan out
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            futures = [pool.submit(self.complete, p, max_new_tokens, replace(sampling, seed=sampling.seed + i))
+                       for i, p in enumerate(prompts)]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()  # the first failure stops the run
+                if progress is not None:
+                    progress.update(1)
+        return [f.result() for f in futures]
+
+    def describe(self):
+        return {"server": self.url, "server_model": self.model_name()}
+
+
 def make_engine(args: argparse.Namespace, setup: Setup) -> Engine:
-    """The engine the common flags ask for (nothing is loaded yet)."""
+    """The engine the common flags ask for (nothing is loaded or contacted yet)."""
+    if args.server:
+        return ServerEngine(args.server, setup, args.server_model, concurrency=args.batch_size)
     return LocalEngine(args.model, setup, args.batch_size, args.dtype, args.device, args.prefill_chunk)
 
 
@@ -273,6 +401,12 @@ def add_common_args(p: argparse.ArgumentParser, out_help: str = "results folder;
     p.add_argument("--overflow", choices=["error", "run"], default="error",
                    help="prompts (plus the new tokens) longer than the model's context: stop with an error "
                         "before generating them (default), or run them anyway with a warning")
+    p.add_argument("--server", metavar="URL",
+                   help="generate with an OpenAI-compatible completions server instead of the built-in model, "
+                        "e.g. http://localhost:8000 for `vllm serve CHECKPOINT`; prompts go as token ids, "
+                        "--batch-size requests at a time; --model still gives the tokenizer and config.json")
+    p.add_argument("--server-model", metavar="NAME",
+                   help="model name to ask --server for (default: the one model it lists)")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -290,6 +424,16 @@ def check_common_args(args: argparse.Namespace, need_out: bool = True) -> None:
     if need_out and not args.out:
         raise EvalError("--out is required (the folder for predictions and results)")
     check_positive(args, "batch_size", "prefill_chunk")
+    if args.server:
+        url = urllib.parse.urlparse(args.server)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise EvalError(f"--server {args.server}: expected an http(s) URL such as http://localhost:8000")
+        local = [f for f, v in (("--dtype", args.dtype != "auto"), ("--device", args.device),
+                                ("--prefill-chunk", args.prefill_chunk)) if v]
+        if local:
+            raise EvalError(f"{local[0]} sets up the built-in model; with --server the server decides it")
+    elif args.server_model:
+        raise EvalError("--server-model goes with --server")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise EvalError(f"--out {args.out}: is a file, expected a folder")
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fake_server
 import huggingface_hub
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -520,6 +521,25 @@ def test_end_to_end_synthetic_with_resume(tiny_model, tmp_path, monkeypatch, cap
     assert json.loads((out / "results.json").read_text())["accuracy"] == results["accuracy"]
 
 
+@pytest.mark.parametrize("token_ids", [True, False], ids=["server-token-ids", "server-text-only"])
+def test_server_engine_writes_the_same_predictions(tiny_model, tmp_path, token_ids):
+    """--server against a local OpenAI-compatible server answering from the same model: the same files, byte
+    for byte, whether the server returns token ids (vLLM) or only text."""
+    argv = ["--model", tiny_model, "--synthetic", "--tasks", "qa1", "--lengths", "0k", "1k", "--max-samples", "3"]
+    assert run_cli([*argv, "--out", tmp_path / "local"]) == ""
+    model = qwen2.from_pretrained(tiny_model)
+    tokenizer = evaluation.load_tokenizer(tiny_model, "--model")
+    with fake_server.serve(fake_server.model_answer(model, tokenizer, token_ids)) as server:
+        assert run_cli([*argv, "--out", tmp_path / "server", "--server", server.url, "--batch-size", "3"]) == ""
+    assert len(server.requests) == 6 and all(r["temperature"] == 0 and r["max_tokens"] == 20 for r in server.requests)
+    assert all(isinstance(r["prompt"], list) and isinstance(r["prompt"][0], int) for r in server.requests)
+    for path in (tmp_path / "local").glob("*.csv"):
+        assert (tmp_path / "server" / path.name).read_text() == path.read_text(), path.name
+    saved = json.loads((tmp_path / "server" / f"qa1_1k_{PLAIN}.json").read_text())
+    assert saved["server"] == server.url and saved["server_model"] == "served-model"
+    assert len({r["output"] for r in ev.read_predictions(tmp_path / "local" / f"qa1_1k_{PLAIN}.csv")}) > 1
+
+
 def test_end_to_end_with_prompt_config_and_chat(tiny_model, tmp_path):
     cfg = tmp_path / "published.json"
     cfg.write_text(json.dumps(PUBLISHED))
@@ -549,6 +569,12 @@ def test_cli_errors(tiny_model, tmp_path):
     expect_error([*base, "--lengths", "3k"], "--lengths: unknown length '3k'", "0k 1k 2k")
     expect_error([*base, "--tasks", "qa6"], "--synthetic builds", "not qa6")
     expect_error([*base, "--batch-size", "0"], "--batch-size must be at least 1")
+    expect_error([*base, "--server", "localhost:8000"], "--server localhost:8000: expected an http(s) URL")
+    expect_error([*base, "--server", "http://127.0.0.1:9", "--dtype", "bfloat16"], "--dtype sets up the built-in")
+    expect_error([*base, "--server-model", "m"], "--server-model goes with --server")
+    expect_error([*base, "--server", "http://127.0.0.1:9", "--benchmark"], "--benchmark measures the built-in")
+    expect_error([*base, "--server", "http://127.0.0.1:9", "--lengths", "0k", "--max-samples", "1"],
+                 "--server http://127.0.0.1:9: cannot reach http://127.0.0.1:9/v1/models")
     expect_error([*base, "--system-prompt", "Hi"], "--system-prompt needs --chat-template")
     expect_error(["--model", tiny_model, "--out", tmp_path / "o", "--tasks", "qa11"],
                  "no built-in prompt for qa11", "--prompt-config")

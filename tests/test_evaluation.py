@@ -1,0 +1,100 @@
+"""evaluation.py: the engines (built-in model and an OpenAI-compatible server started here), the common
+flags, and the module docstring's example benchmark run as written."""
+
+import argparse
+import sys
+import textwrap
+import time
+
+import fake_server
+import pytest
+
+import evaluation
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    return evaluation.load_setup(tiny.model, max_new_tokens=6)
+
+
+def scripted(table: dict[tuple, tuple], token_ids: bool = True, delay: dict | None = None):
+    """Answers from a table {prompt ids: (generated ids, text, finish reason)}; prompts in `delay` wait."""
+    def answer(body):
+        time.sleep((delay or {}).get(tuple(body["prompt"]), 0.0))
+        ids, text, finish = table[tuple(body["prompt"])]
+        return fake_server.choice(ids, text, finish, token_ids)
+    return answer
+
+
+def test_server_engine_keeps_the_prompts_order_and_sends_the_protocol(setup):
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    eos = setup.eos[0]
+    table = {tuple(p): ([20 + i, 30 + i, eos], f"out{i}", "stop") for i, p in enumerate(prompts)}
+    # The first prompt answers last: results must still come back in the prompts' order.
+    with fake_server.serve(scripted(table, delay={(5, 6, 7): 0.3})) as server:
+        engine = evaluation.ServerEngine(server.url + "/v1/", setup, concurrency=3)
+        assert engine.generate(prompts, 6) == [table[tuple(p)][0] for p in prompts]
+    body = next(r for r in server.requests if r["prompt"] == [8])
+    assert body["model"] == "served-model" and body["max_tokens"] == 6 and body["temperature"] == 0
+    assert body["stop_token_ids"] == setup.eos and "seed" not in body
+    assert engine.describe() == {"server": server.url + "/v1/", "server_model": "served-model"}
+
+
+def test_server_engine_without_token_ids_encodes_the_text(setup):
+    text = "the kitchen"
+    ids = setup.encode([text], add_special_tokens=False)[0]
+    table = {(5,): ([], text, "stop"), (6,): ([], text, "length")}
+    with fake_server.serve(scripted(table, token_ids=False)) as server:
+        stopped, cut = evaluation.ServerEngine(server.url, setup).generate([[5], [6]], 6)
+    assert stopped == [*ids, setup.eos[0]] and cut == ids  # EOS only where the server says it stopped
+    assert setup.decode(stopped) == setup.decode(cut) == text
+
+
+def test_server_engine_sampling_seeds_each_prompt(setup):
+    table = {(5,): ([1], "a", "length")}
+    with fake_server.serve(scripted(table)) as server:
+        sampling = evaluation.Sampling(temperature=1.0, top_p=0.6, seed=7)
+        evaluation.ServerEngine(server.url, setup).generate([[5], [5], [5]], 1, sampling=sampling)
+    sent = sorted((r["seed"], r["temperature"], r["top_p"]) for r in server.requests if "prompt" in r)
+    assert sent == [(7, 1.0, 0.6), (8, 1.0, 0.6), (9, 1.0, 0.6)]
+    with pytest.raises(evaluation.EvalError, match="greedily only"):
+        evaluation.LocalEngine("m", setup).generate([[5]], 1, sampling=sampling)
+
+
+def test_server_engine_errors_are_one_line(setup):
+    with fake_server.serve(lambda body: (400, {"error": {"message": "prompt too long\nfor this model"}}),
+                           models=("a", "b")) as server:
+        with pytest.raises(evaluation.EvalError, match="serves 2 models .*--server-model"):
+            evaluation.ServerEngine(server.url, setup).generate([[5]], 1)
+        with pytest.raises(evaluation.EvalError) as e:
+            evaluation.ServerEngine(server.url, setup, model_name="a").generate([[5]], 1)
+    assert "answered HTTP 400" in str(e.value) and "prompt too long for this model" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(evaluation.EvalError, match="cannot reach"):
+        evaluation.ServerEngine(server.url, setup, model_name="a").generate([[5]], 1)  # server gone
+
+
+def test_common_flags():
+    parser = argparse.ArgumentParser()
+    evaluation.add_common_args(parser)
+    check = lambda *argv: evaluation.check_common_args(parser.parse_args(["--model", "m", "--out", "o", *argv]))
+    check()
+    check("--server", "http://gpu-node:8000", "--server-model", "qwen")
+    for argv, message in [(("--batch-size", "0"), "--batch-size must be at least 1"),
+                          (("--server", "gpu-node:8000"), "expected an http"),
+                          (("--server", "http://h:1", "--device", "cuda"), "--device sets up the built-in"),
+                          (("--server-model", "q"), "--server-model goes with --server")]:
+        with pytest.raises(evaluation.EvalError, match=message):
+            check(*argv)
+
+
+def test_docstring_example_runs(tiny, tmp_path, monkeypatch, capsys):
+    """The module docstring's 'new benchmark' runs as written."""
+    doc = evaluation.__doc__
+    code = textwrap.dedent(doc[doc.index("    import argparse"):])
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["eval_arith.py", "--model", str(tiny.model), "--out", str(out)])
+    exec(compile(code, "evaluation-docstring", "exec"), {"__name__": "example"})
+    rows = evaluation.read_jsonl(out / "arith.jsonl")
+    assert len(rows) == 1 and set(rows[0]) == {"question", "answer", "output", "correct"}
+    assert capsys.readouterr().out.splitlines()[:2] == ["| task | accuracy |", "| --- | ---: |"]
