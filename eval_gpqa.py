@@ -8,10 +8,13 @@ See docs/gpqa.md for the protocol, the data and the sandbox.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import functools
 import itertools
 import json
 import os
+import random
 import re
 import selectors
 import shutil
@@ -22,7 +25,12 @@ import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import data
+import evaluation
+import qwen2
 
 PROG = "eval_gpqa.py"
 
@@ -340,3 +348,465 @@ def is_correct(response: str, solution: str) -> bool:
     """Open-AgentRL's strict rule: the boxed answer equals the solution letter exactly (no stripping, no
     normalising: \\boxed{(B)} and \\boxed{ B} are wrong)."""
     return boxed_answer(response) == solution
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt (Open-AgentRL recipe/demystify/reward.py: map_fn_gpqa with math_prompt_2, agent_prompt and
+# answer_format, verbatim: they are the benchmark), one user turn with the tool in the system block
+
+PROMPT_HEAD = "Analyze and solve the following {domain} problem step by step. \n\n"
+PROMPT_TAIL = (
+    "\n\nThe tool could be used for more precise and efficient calculation and could help you to verify your "
+    "result before you reach the final answer."
+    "\n\n**Note: You should first analyze the problem and form a high-level solution strategy, then utilize "
+    "the tools to help you solve the problem.**"
+    "\nRemember once you make sure the current answer is your final answer, do not call the tools again and "
+    "directly output the final answer in the following text format, the answer format must be: "
+    "\\boxed{'The final answer goes here.'}."
+    "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}"
+)
+
+
+def user_prompt(problem: str, domain: str) -> str:
+    return PROMPT_HEAD.format(domain=domain) + problem + PROMPT_TAIL
+
+
+def prompt_messages(problem: str, domain: str) -> list[dict]:
+    return [{"role": "user", "content": user_prompt(problem, domain)}]
+
+
+def tool_turn_text(result: str) -> str:
+    """The tokens appended after a tool call, as Open-AgentRL builds them (the chat template of the tool
+    message with a generation prompt, less the default system turn): a user turn holding the
+    <tool_response>, then the next assistant header. It follows the model's <|im_end|> directly: unlike
+    the chat template, which renders a newline after every <|im_end|>, the rollout has none there."""
+    return (data.IM_START + "user\n<tool_response>\n" + result + "\n</tool_response>" + data.IM_END + "\n"
+            + data.IM_START + "assistant\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: generate a turn, run its tool call, append the result, generate again
+
+
+@dataclass
+class Limits:
+    """Open-AgentRL's multi-turn limits (recipe/demystify eval script; verl rollout settings)."""
+
+    max_turns: int = 16  # assistant turns (and tool turns) at most
+    max_response_tokens: int = 20480  # assistant + tool tokens after the prompt
+    max_prompt_tokens: int = 4096  # longer prompts are filtered out (filter_overlong_prompts)
+    context: int = 4096 + 20480  # vLLM's max_model_len: each turn may generate up to context - tokens so far
+
+
+@dataclass
+class Rollout:
+    problem: int  # index of the problem in the data
+    index: int  # which of the problem's rollouts
+    prompt: list[int]
+    messages: list[dict]
+    response: list[int] = field(default_factory=list)  # assistant and tool tokens, in order
+    mask: list[int] = field(default_factory=list)  # 1 on the model's tokens, 0 on the tool turns
+    assistant_turns: int = 0
+    tool_calls: int = 0
+    tool_timeouts: int = 0
+    tool_errors: int = 0
+    stop: str = ""  # why it ended: 'answer' (a turn without a valid tool call), 'turns', 'length', 'context'
+
+
+class Turns:
+    """Generates the next turn of a batch of rollouts: `extend(tokens, budgets)` appends each row's new
+    tokens (the prompt, then tool turns) and returns what the model generates, up to budgets[b] tokens
+    (0: the row is not run); `select(rows)` keeps only the rollouts still going."""
+
+    def extend(self, tokens: list[list[int]], budgets: list[int]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def select(self, rows: list[int]) -> None:
+        raise NotImplementedError
+
+
+class LocalTurns(Turns):
+    """The built-in model: one qwen2.Decoder for the batch, so a rollout's KV cache continues from turn to
+    turn; one seeded generator draws every sample of the batch."""
+
+    def __init__(self, model, eos: list[int], temperature: float, top_p: float, seed: int,
+                 prefill_chunk: int | None = None):
+        import torch
+
+        self.decoder = qwen2.Decoder(model, prefill_chunk)
+        self.eos, self.temperature, self.top_p = eos, temperature, top_p
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+
+    def extend(self, tokens, budgets):
+        return self.decoder.extend(tokens, budgets, self.eos, self.temperature, self.top_p, self.generator)
+
+    def select(self, rows):
+        self.decoder.select(rows)
+
+
+def _decode(tokenizer, ids: list[int], skip_special: bool) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+
+def _tool_message(text: str, call: dict) -> dict:
+    """The assistant turn as a chat message with its (first valid) tool call, in the form the chat template
+    renders back: the content is the text before the first <tool_call>, less the joining newline."""
+    content = text[:text.find("<tool_call>")].removesuffix("\n")
+    return {"role": "assistant", "content": content,
+            "tool_calls": [{"type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}]}
+
+
+_EXCEPTION_LINE = re.compile(r"^\w+(Error|Exception|Exit|Interrupt)\b", re.MULTILINE)
+
+
+def is_tool_error(result: str) -> bool:
+    """A tool result that shows a failure: the tool's own error text, or a Python exception."""
+    return result.startswith("Error when executing tool:") or bool(_EXCEPTION_LINE.search(result))
+
+
+def run_rollouts(turns: Turns, rollouts: list[Rollout], tokenizer, eos: list[int], pool: SandboxPool,
+                 limits: Limits, progress=None) -> None:
+    """Run a batch of rollouts to their end, as Open-AgentRL's ToolAgentLoop runs one (tool_agent_loop.py):
+    after each turn stop on the response budget, then on the turn limit, then when the turn has no valid
+    tool call; otherwise run the call and append its result, unless that reaches the response budget."""
+    active = list(range(len(rollouts)))  # rollouts[active[i]] is row i of `turns`
+    tokens = [r.prompt for r in rollouts]
+    while active:
+        live = [rollouts[a] for a in active]
+        budgets = [max(0, limits.context - len(r.prompt) - len(r.response)) for r in live]
+        outputs = turns.extend(tokens, budgets)
+        going, calls = [], []
+        for i, (r, out) in enumerate(zip(live, outputs, strict=True)):
+            if budgets[i] == 0:
+                r.stop = "context"
+                continue
+            r.response += out
+            r.mask += [1] * len(out)
+            r.assistant_turns += 1
+            text = _decode(tokenizer, out, skip_special=False)
+            body = text[:-len(data.IM_END)] if out and out[-1] in eos and text.endswith(data.IM_END) else text
+            call = parse_tool_call(text)
+            if len(r.response) >= limits.max_response_tokens:
+                r.stop = "length"
+            elif r.assistant_turns >= limits.max_turns:
+                r.stop = "turns"
+            elif call is None:
+                r.stop = "answer"
+            if r.stop or call is None:
+                r.messages.append({"role": "assistant", "content": body})
+                continue
+            r.messages.append(_tool_message(body, call))
+            going.append(i)
+            calls.append(tool_code(call))
+        results = iter(pool.map([code for code, err in calls if err is None]))
+        tokens = []
+        for i, (_code, err) in zip(list(going), calls, strict=True):
+            r = live[i]
+            result = err if err is not None else next(results)
+            r.tool_calls += 1
+            r.tool_timeouts += result == NO_STDOUT
+            r.tool_errors += is_tool_error(result)
+            r.messages.append({"role": "tool", "content": result})
+            ids = tokenizer.encode(tool_turn_text(result), add_special_tokens=False).ids
+            if len(r.response) + len(ids) >= limits.max_response_tokens:
+                r.stop = "length"
+                going.remove(i)
+                continue
+            r.response += ids
+            r.mask += [0] * len(ids)
+            tokens.append(ids)
+        if progress is not None:
+            progress.update(len(active) - len(going))
+        if going:
+            turns.select(going)
+        active = [active[i] for i in going]
+
+
+def score_rollout(r: Rollout, tokenizer, solution: str, limits: Limits) -> dict:
+    """Open-AgentRL's reward input: the whole response (assistant and tool tokens, cut at the response
+    budget) decoded without special tokens, then the strict boxed-letter rule."""
+    text = _decode(tokenizer, r.response[:limits.max_response_tokens], skip_special=True)
+    return {"pred": boxed_answer(text), "correct": is_correct(text, solution), "response": text}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: Open-AgentRL's eval layout (problem with its options, solution letter, domain) as parquet or JSONL,
+# or the original GPQA CSV, whose options are shuffled here with a seeded generator
+
+LETTERS = "ABCD"
+GPQA_CSV_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+
+
+@dataclass
+class Problem:
+    id: str
+    problem: str  # the question with its lettered options
+    solution: str  # the correct letter
+    domain: str
+
+
+def _rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise evaluation.EvalError(f"--data {path}: not a readable parquet file ({e})") from None
+    if suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f))
+    return evaluation.read_jsonl(path)
+
+
+def shuffled_options(row: dict, rng: random.Random) -> tuple[str, str]:
+    """A GPQA CSV row as (problem, letter): the question, a blank line, then '(A) ...' to '(D) ...' in an
+    order drawn from rng (one permutation per row, in file order), and the correct option's letter."""
+    options = [row[c].strip() for c in GPQA_CSV_COLUMNS[1:]]
+    order = rng.sample(range(4), 4)  # order[j]: which option goes to letter j (option 0 is the correct one)
+    lines = [f"({LETTERS[j]}) {options[k]}" for j, k in enumerate(order)]
+    return row["Question"].strip() + "\n\n" + "\n".join(lines), LETTERS[order.index(0)]
+
+
+def load_problems(path: str | os.PathLike, shuffle_seed: int = 0) -> list[Problem]:
+    """The problems of --data; a file without the expected columns is one EvalError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise evaluation.EvalError(f"--data {path}: no such file")
+    rows = _rows(path)
+    if not rows:
+        raise evaluation.EvalError(f"--data {path}: no rows")
+    problems = []
+    if "problem" in rows[0]:
+        for i, row in enumerate(rows):
+            missing = [c for c in ("problem", "solution", "domain") if not isinstance(row.get(c), str)]
+            if missing:
+                raise evaluation.EvalError(f"--data {path}: row {i + 1} has no text in {', '.join(missing)} "
+                                           f"(expected problem, solution (a letter), domain)")
+            problems.append(Problem(str(row.get("id", i)), row["problem"], row["solution"], row["domain"]))
+    elif all(c in rows[0] for c in GPQA_CSV_COLUMNS):
+        rng = random.Random(shuffle_seed)
+        for i, row in enumerate(rows):
+            problem, letter = shuffled_options(row, rng)
+            domain = (row.get("High-level domain") or "").strip() or "science"
+            problems.append(Problem(str(row.get("Record ID") or i), problem, letter, domain))
+    else:
+        raise evaluation.EvalError(f"--data {path}: expected the columns problem, solution, domain (Open-AgentRL's "
+                                   f"layout) or GPQA's {', '.join(GPQA_CSV_COLUMNS)}; found {', '.join(rows[0])}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: pass@1 (the mean over all rollouts, what the paper reports), maj@N, pass@N; tool use
+
+
+def majority(preds: list[str | None]) -> str | None:
+    """The most frequent prediction (no answer never wins); a tie goes to the one seen first."""
+    counts: dict[str, int] = {}
+    for p in preds:
+        if p is not None:
+            counts[p] = counts.get(p, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def metrics(records: list[dict], solutions: dict[str, str]) -> dict:
+    """Accuracy figures and tool-use statistics of a set of rollout records (one problem's rollouts are
+    the records with its id)."""
+    by_problem: dict[str, list[dict]] = {}
+    for r in records:
+        by_problem.setdefault(r["id"], []).append(r)
+    n = len(records)
+    return {
+        "problems": len(by_problem),
+        "rollouts": n,
+        "pass@1": sum(r["correct"] for r in records) / n,
+        "maj@n": sum(majority([r["pred"] for r in rs]) == solutions[p] for p, rs in by_problem.items())
+        / len(by_problem),
+        "pass@n": sum(any(r["correct"] for r in rs) for rs in by_problem.values()) / len(by_problem),
+        "answered": sum(r["pred"] is not None for r in records) / n,
+        "tool_calls": sum(r["stats"]["tool_calls"] for r in records) / n,
+        "tool_timeouts": sum(r["stats"]["tool_timeouts"] for r in records) / n,
+        "tool_errors": sum(r["stats"]["tool_errors"] for r in records) / n,
+        "turns": sum(r["stats"]["assistant_turns"] for r in records) / n,
+        "response_tokens": sum(r["stats"]["response_tokens"] for r in records) / n,
+    }
+
+
+def results_table(overall: dict, domains: dict[str, dict], n: int) -> str:
+    header = ["domain", "problems", "pass@1", f"maj@{n}", f"pass@{n}", "answered", "tool calls", "timeouts",
+              "tool errors", "turns", "tokens"]
+
+    def row(name, m):
+        return [name, m["problems"], evaluation.percent(m["pass@1"]), evaluation.percent(m["maj@n"]),
+                evaluation.percent(m["pass@n"]), evaluation.percent(m["answered"]), f"{m['tool_calls']:.2f}",
+                f"{m['tool_timeouts']:.2f}", f"{m['tool_errors']:.2f}", f"{m['turns']:.2f}",
+                f"{m['response_tokens']:.0f}"]
+
+    return evaluation.markdown_table(header, [row(d, m) for d, m in sorted(domains.items())]
+                                     + [row("all", overall)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: rollouts appended to rollouts.jsonl as they finish (a rerun skips them), then the tables
+
+
+def read_rollouts(path: Path) -> list[dict]:
+    """Finished rollouts of an earlier run; a last line cut short by a kill is dropped (it is redone)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):
+                break
+            raise evaluation.EvalError(f"{path}:{n}: not valid JSON; move the file away to start again") from None
+    return records
+
+
+def rollout_record(r: Rollout, p: Problem, scored: dict) -> dict:
+    """One line of rollouts.jsonl: the transcript in the chat format data.py reads (messages + tools), so
+    correct rollouts can be training data, with the score and the tool-use counts."""
+    return {"id": p.id, "rollout": r.index, "domain": p.domain, "solution": p.solution, "pred": scored["pred"],
+            "correct": scored["correct"], "messages": r.messages, "tools": [CODE_TOOL],
+            "stats": {"assistant_turns": r.assistant_turns, "tool_calls": r.tool_calls,
+                      "tool_timeouts": r.tool_timeouts, "tool_errors": r.tool_errors,
+                      "response_tokens": len(r.response), "stop": r.stop}}
+
+
+def make_turns(engine, setup, args, seed: int) -> Turns:
+    if isinstance(engine, evaluation.LocalEngine):
+        return LocalTurns(engine.model, setup.eos, args.temperature, args.top_p, seed, args.prefill_chunk)
+    raise evaluation.EvalError(f"{type(engine).__name__}: no multi-turn support")
+
+
+def settings_record(args, limits: Limits, data_path: Path, engine) -> dict:
+    return {"data": str(data_path), "data_bytes": data_path.stat().st_size, "shuffle_seed": args.shuffle_seed,
+            "engine": engine.describe(), "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+            "limits": vars(limits), "tool_timeout": args.tool_timeout, "tool_memory_mb": args.tool_memory_mb}
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    evaluation.check_common_args(args)
+    problems = load_problems(args.data, args.shuffle_seed)[:args.max_problems]
+    setup = evaluation.load_setup(args.model, max_new_tokens=args.max_response_tokens)
+    limit, what = evaluation.context_limit(setup.config)
+    limits = Limits(args.max_turns, args.max_response_tokens, args.max_prompt_tokens,
+                    min(args.max_prompt_tokens + args.max_response_tokens, limit))
+    if limits.context < args.max_prompt_tokens + args.max_response_tokens:
+        print(f"note: the model's {what} is {limit}: each turn generates at most up to {limit} tokens of context "
+              f"(Open-AgentRL: {args.max_prompt_tokens} + {args.max_response_tokens})")
+    prompts = setup.encode([data.render_chat(prompt_messages(p.problem, p.domain), [CODE_TOOL], True)
+                            for p in problems], add_special_tokens=False)
+    long = [i for i, ids in enumerate(prompts) if len(ids) > limits.max_prompt_tokens]
+    if long:  # verl's filter_overlong_prompts: these problems are not evaluated
+        print(f"warning: {len(long)} of {len(problems)} prompts exceed --max-prompt-tokens "
+              f"{limits.max_prompt_tokens} and are left out, as Open-AgentRL filters them")
+        problems = [p for i, p in enumerate(problems) if i not in set(long)]
+        prompts = [ids for i, ids in enumerate(prompts) if i not in set(long)]
+
+    out = Path(args.out)
+    engine = evaluation.make_engine(args, setup)
+    settings = settings_record(args, limits, Path(args.data), engine)
+    run_path, rollouts_path = out / "run.json", out / "rollouts.jsonl"
+    if run_path.is_file():
+        saved = json.loads(run_path.read_text(encoding="utf-8"))
+        if saved != settings:
+            changed = [k for k in settings if saved.get(k) != settings[k]]
+            raise evaluation.EvalError(f"--out {out}: holds rollouts made with other settings ({', '.join(changed)}); "
+                                       f"use another --out or the same flags")
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation.write_json(run_path, settings)
+    done = {(r["id"], r["rollout"]) for r in read_rollouts(rollouts_path)}
+    todo = [(i, k) for i, p in enumerate(problems) for k in range(args.rollouts) if (p.id, k) not in done]
+    pool = SandboxPool(args.tool_workers, args.tool_timeout, args.tool_memory_mb)
+    print(f"{len(problems)} problems x {args.rollouts} rollouts: {len(todo)} to run ({len(done)} done before); "
+          f"sandbox: {sandbox_mode()}, {pool.workers or default_workers(args.tool_memory_mb)} workers")
+
+    from tqdm import tqdm
+
+    with tqdm(total=len(todo), desc="rollouts", unit="rollout", leave=False) as bar:
+        for start in range(0, len(todo), args.batch_size):
+            group = todo[start:start + args.batch_size]
+            rollouts = [Rollout(i, k, prompts[i], prompt_messages(problems[i].problem, problems[i].domain))
+                        for i, k in group]
+            turns = make_turns(engine, setup, args, seed=args.seed * 1_000_003 + start)
+            run_rollouts(turns, rollouts, setup.tokenizer, setup.eos, pool, limits, progress=bar)
+            lines = [rollout_record(r, problems[r.problem], score_rollout(r, setup.tokenizer,
+                     problems[r.problem].solution, limits)) for r in rollouts]
+            with open(rollouts_path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+
+    ids = {p.id for p in problems}
+    records = [r for r in read_rollouts(rollouts_path) if r["id"] in ids and r["rollout"] < args.rollouts]
+    solutions = {p.id: p.solution for p in problems}
+    overall = metrics(records, solutions)
+    domains = {d: metrics([r for r in records if r["domain"] == d], solutions) for d in {r["domain"] for r in records}}
+    table = results_table(overall, domains, args.rollouts)
+    results = {"settings": settings, "sandbox": sandbox_mode(), "overall": overall, "domains": domains}
+    evaluation.write_json(out / "results.json", results)
+    header = (f"GPQA agentic (Open-AgentRL protocol) of {args.model}: {args.rollouts} rollouts per problem, "
+              f"temperature {args.temperature}, top-p {args.top_p}; pass@1 is the mean over all rollouts")
+    evaluation.atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
+    print(f"\n{header}\n\n{table}\n\nsaved {out / 'results.md'}, {out / 'results.json'} and {rollouts_path}")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_common_args(p, out_help="results folder: rollouts.jsonl (every transcript, appended as "
+                               "rollouts finish; a rerun skips them), run.json, results.md, results.json",
+                               batch_size=32)
+    p.add_argument("--data", metavar="FILE", help="problems: Open-AgentRL's eval file (parquet or JSONL with "
+                   "problem, solution, domain) or GPQA's CSV (gpqa_diamond.csv; options shuffled by --shuffle-seed)")
+    p.add_argument("--rollouts", type=int, default=32, metavar="N",
+                   help="rollouts per problem (default: 32, Open-AgentRL's)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=0.6, help="nucleus sampling mass (default: 0.6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    p.add_argument("--shuffle-seed", type=int, default=0,
+                   help="seed of the option order when --data is GPQA's CSV (default: 0)")
+    p.add_argument("--max-problems", type=int, metavar="N", help="only the first N problems (default: all)")
+    p.add_argument("--max-turns", type=int, default=16, metavar="N", help="assistant turns at most (default: 16)")
+    p.add_argument("--max-response-tokens", type=int, default=20480, metavar="N",
+                   help="assistant and tool tokens after the prompt at most (default: 20480)")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096, metavar="N",
+                   help="longer prompts are left out; with --max-response-tokens it sets each turn's "
+                        "budget (default: 4096)")
+    p.add_argument("--tool-timeout", type=float, default=TOOL_TIMEOUT, metavar="S",
+                   help=f"wall-clock seconds per tool call (default: {TOOL_TIMEOUT:g})")
+    p.add_argument("--tool-memory-mb", type=int, default=TOOL_MEMORY_MB, metavar="MB",
+                   help=f"address-space limit per tool call (default: {TOOL_MEMORY_MB})")
+    p.add_argument("--tool-workers", type=int, default=0, metavar="N",
+                   help="tool calls run at once (default: one per core, as many as memory allows)")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    if not args.data:
+        raise evaluation.EvalError("--data is required (Open-AgentRL's gpqa_diamond.parquet, or GPQA's CSV)")
+    evaluation.check_positive(args, "rollouts", "max_problems", "max_turns", "max_response_tokens",
+                              "max_prompt_tokens", "tool_memory_mb")
+    if args.temperature < 0:
+        raise evaluation.EvalError(f"--temperature must be at least 0 (got {args.temperature})")
+    if not 0 < args.top_p <= 1:
+        raise evaluation.EvalError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.tool_timeout <= 0 or args.tool_workers < 0:
+        raise evaluation.EvalError("--tool-timeout must be positive and --tool-workers at least 0")
+
+
+def run(args: argparse.Namespace) -> None:
+    validate(args)
+    evaluate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return evaluation.main(PROG, build_parser(), run, argv,
+                           resume_note="finished rollouts are in rollouts.jsonl, the same command resumes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
