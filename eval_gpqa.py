@@ -720,7 +720,10 @@ def evaluate(args: argparse.Namespace) -> dict:
                                        f"use another --out or the same flags")
     out.mkdir(parents=True, exist_ok=True)
     evaluation.write_json(run_path, settings)
-    done = {(r["id"], r["rollout"]) for r in read_rollouts(rollouts_path)}
+    finished = read_rollouts(rollouts_path)
+    if rollouts_path.is_file() and not rollouts_path.read_bytes().endswith(b"\n"):  # a kill cut the last line
+        evaluation.write_jsonl(rollouts_path, finished)
+    done = {(r["id"], r["rollout"]) for r in finished}
     todo = [(i, k) for i, p in enumerate(problems) for k in range(args.rollouts) if (p.id, k) not in done]
     pool = SandboxPool(args.tool_workers, args.tool_timeout, args.tool_memory_mb)
     print(f"{len(problems)} problems x {args.rollouts} rollouts: {len(todo)} to run ({len(done)} done before); "

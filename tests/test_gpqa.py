@@ -1,0 +1,188 @@
+"""eval_gpqa's rollout loop: the token layout against the real Qwen2.5 template, a scripted policy through
+the real loop and sandbox, data loading, metrics, and the command line end to end with a tiny model."""
+
+import csv
+import json
+import random
+
+import pytest
+
+import data
+import eval_gpqa as g
+
+CALL = '<tool_call>\n{{"name": "code_interpreter", "arguments": {{"code": "{}"}}}}\n</tool_call>'
+
+
+class ScriptedTurns(g.Turns):
+    """A fake model: row r's n-th turn is script[r][n] (text, encoded), ending with <|im_end|>. Records the
+    tokens each row was extended with."""
+
+    def __init__(self, tokenizer, scripts: list[list[str]]):
+        self.tokenizer, self.scripts = tokenizer, scripts
+        self.rows = list(range(len(scripts)))  # row -> script
+        self.fed: list[list[list[int]]] = [[] for _ in scripts]
+
+    def extend(self, tokens, budgets):
+        outs = []
+        for row, (toks, budget) in enumerate(zip(tokens, budgets, strict=True)):
+            r = self.rows[row]
+            self.fed[r].append(list(toks))
+            text = self.scripts[r][len(self.fed[r]) - 1] + data.IM_END
+            outs.append(self.tokenizer.encode(text, add_special_tokens=False).ids[:budget])
+        return outs
+
+    def select(self, rows):
+        self.rows = [self.rows[i] for i in rows]
+
+
+def run_script(tokenizer, scripts, limits=None, timeout=5.0):
+    eos = [tokenizer.token_to_id(data.IM_END)]
+    turns = ScriptedTurns(tokenizer, scripts)
+    rollouts = []
+    for k in range(len(scripts)):
+        messages = g.prompt_messages("What is 6 x 7?\n\n(A) 42\n(B) 41\n(C) 40\n(D) 67", "Physics")
+        ids = tokenizer.encode(data.render_chat(messages, [g.CODE_TOOL], True), add_special_tokens=False).ids
+        rollouts.append(g.Rollout(0, k, ids, messages))
+    g.run_rollouts(turns, rollouts, tokenizer, eos, g.SandboxPool(2, timeout), limits or g.Limits())
+    return rollouts, turns
+
+
+TWO_CALLS = ["Let me compute.\n" + CALL.format("6 * 7"), CALL.format("print(40 + 2)"),
+             "Both give 42, so the answer is \\boxed{A}"]
+
+
+def test_token_layout_equals_the_qwen_template_less_the_newlines_open_agentrl_drops(qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = data.load_tokenizer(qwen_tokenizer_dir)
+    (r,), turns = run_script(tokenizer, [TWO_CALLS])
+    assert [m["role"] for m in r.messages] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert [m["content"] for m in r.messages if m["role"] == "tool"] == ["42\n", "42\n"]
+    assert r.stop == "answer" and r.tool_calls == 2 and r.assistant_turns == 3
+    ours = r.prompt + r.response
+
+    hf = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    template = hf.apply_chat_template(r.messages, tools=[g.CODE_TOOL], tokenize=False)
+    # Open-AgentRL appends each tool turn right after the model's <|im_end|>: the newline the template
+    # puts there is not in a rollout (nor after the last turn, where generation stopped).
+    rollout_text = template.replace(data.IM_END + "\n" + data.IM_START + "user\n<tool_response>",
+                                    data.IM_END + data.IM_START + "user\n<tool_response>")
+    assert rollout_text.endswith(data.IM_END + "\n")
+    assert ours == hf.encode(rollout_text[:-1], add_special_tokens=False)
+    # The two differ only by those newline tokens; data.py renders the transcript as the template does.
+    assert len(hf.encode(template, add_special_tokens=False)) == len(ours) + 3
+    assert data.render_chat(r.messages, [g.CODE_TOOL]) == template
+    # Each turn after the first was extended with exactly the tool turn (after the carried last token).
+    assert turns.fed[0][1] == tokenizer.encode(g.tool_turn_text("42\n"), add_special_tokens=False).ids
+    assert g.score_rollout(r, tokenizer, "A", g.Limits())["correct"]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return data.load_tokenizer(tiny.model)
+
+
+def test_scripted_policy_through_the_real_loop_and_sandbox(tok):
+    scripts = [TWO_CALLS,
+               [CALL.format("while True: pass"), "\\boxed{A}"],  # a SyntaxError from the print wrap
+               [CALL.format("import time\\nwhile True:\\n    time.sleep(1)\\nprint(1)"), "\\boxed{(A)}"],
+               ["<tool_call>{not json}</tool_call>", "never reached"],
+               [CALL.format("1 / 0"), '<tool_call>\n{"name": "python", "arguments": {}}\n</tool_call>', "\\boxed{B}"]]
+    rollouts, _ = run_script(tok, scripts, timeout=1.0)
+    stats = [(r.stop, r.assistant_turns, r.tool_calls, r.tool_timeouts, r.tool_errors) for r in rollouts]
+    assert stats == [("answer", 3, 2, 0, 0), ("answer", 2, 1, 0, 1), ("answer", 2, 1, 1, 0), ("answer", 1, 0, 0, 0),
+                     ("answer", 3, 2, 0, 2)]
+    assert rollouts[2].messages[2]["content"] == g.NO_STDOUT
+    assert rollouts[4].messages[4]["content"] == "Error when executing tool: 'python'"
+    scores = [g.score_rollout(r, tok, "A", g.Limits())["correct"] for r in rollouts]
+    assert scores == [True, True, False, False, False]
+    for r in rollouts:  # every transcript renders (and trains: it ends with an assistant answer)
+        assert data.conversation_problems(r.messages, [g.CODE_TOOL]) == []
+
+
+def test_turn_and_token_limits(tok):
+    always = [CALL.format("1")] * 20
+    (r,), _ = run_script(tok, [always], g.Limits(max_turns=4))
+    assert (r.stop, r.assistant_turns, r.tool_calls) == ("turns", 4, 3)
+    (r,), _ = run_script(tok, [always], g.Limits(max_response_tokens=120))
+    assert r.stop == "length" and len(r.response) < 120 and r.response[-1] == tok.token_to_id(data.IM_END)
+    assert r.mask[-1] == 1  # ends on the model's turn: the tool turn that would reach the budget is not added
+    (r,), _ = run_script(tok, [always], g.Limits(context=len(r.prompt) + 30))
+    assert r.stop == "context"
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=[*g.GPQA_CSV_COLUMNS, "High-level domain"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_gpqa_csv_options_are_shuffled_by_the_seed(tmp_path):
+    rows = [{"Question": f"Q{i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": "w1",
+             "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3", "High-level domain": "Chemistry"}
+            for i in range(20)]
+    write_csv(tmp_path / "gpqa.csv", rows)
+    problems = g.load_problems(tmp_path / "gpqa.csv", shuffle_seed=0)
+    for i, p in enumerate(problems):
+        assert f"({p.solution}) right{i}\n" in p.problem + "\n" and p.domain == "Chemistry"
+    assert len({p.solution for p in problems}) == 4  # the correct option moves around
+    assert [p.problem for p in problems] == [p.problem for p in g.load_problems(tmp_path / "gpqa.csv", 0)]
+    assert [p.solution for p in problems] != [p.solution for p in g.load_problems(tmp_path / "gpqa.csv", 1)]
+    rng = random.Random(0)
+    assert problems[0].solution == "ABCD"[rng.sample(range(4), 4).index(0)]  # the documented rule
+
+
+def test_data_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(g.evaluation.EvalError, match="expected the columns problem, solution, domain"):
+        g.load_problems(tmp_path / "bad.jsonl")
+    with pytest.raises(g.evaluation.EvalError, match="no such file"):
+        g.load_problems(tmp_path / "missing.parquet")
+
+
+def test_metrics():
+    def rec(pid, pred, sol="A"):
+        return {"id": pid, "pred": pred, "correct": pred == sol,
+                "stats": {"tool_calls": 1, "tool_timeouts": 0, "tool_errors": 0, "assistant_turns": 2,
+                          "response_tokens": 10}}
+
+    records = [rec("p", "A"), rec("p", "B"), rec("p", "B"), rec("q", "A"), rec("q", None), rec("q", None)]
+    m = g.metrics(records, {"p": "A", "q": "A"})
+    assert m["pass@1"] == 2 / 6 and m["pass@n"] == 1.0 and m["maj@n"] == 0.5 and m["answered"] == 4 / 6
+    assert g.majority(["B", "A", "A", "B"]) == "B" and g.majority([None]) is None
+
+
+def synthetic_items(path, n=3):
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.randint(2, 50), rng.randint(2, 50)
+            options = "\n".join(f"({x}) {v}" for x, v in zip("ABCD", (a * b, a * b + 1, a * b - 3, a + b), strict=True))
+            f.write(json.dumps({"problem": f"What is {a} times {b}?\n\n{options}", "solution": "A",
+                                "domain": ["Physics", "Chemistry", "Biology"][i % 3]}) + "\n")
+
+
+@pytest.mark.slow
+def test_command_line_end_to_end_and_resume(tiny, tmp_path, capsys):
+    synthetic_items(tmp_path / "items.jsonl")
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny.model), "--data", str(tmp_path / "items.jsonl"), "--rollouts", "2", "--out", str(out),
+            "--max-prompt-tokens", "720", "--max-response-tokens", "40", "--tool-timeout", "2"]
+    assert g.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| all | 3 |" in printed and "pass@1" in printed and "maj@2" in printed
+    records = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["rollout"]) for r in records) == [(str(i), k) for i in range(3) for k in range(2)]
+    for r in records:
+        assert data.conversation_problems(r["messages"], r["tools"], training=False) == []
+    results = json.loads((out / "results.json").read_text())
+    assert results["overall"]["rollouts"] == 6 and set(results["domains"]) == {"Physics", "Chemistry", "Biology"}
+    # A rerun runs nothing; more rollouts run only the new ones; other settings are refused.
+    assert g.main(argv) == 0 and "6 to run" not in capsys.readouterr().out
+    with open(out / "rollouts.jsonl", "a") as f:
+        f.write('{"id": "0", "rollo')  # a line cut short by a kill
+    assert g.main([*argv[:5], "3", *argv[6:]]) == 0
+    assert "3 to run (6 done before)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings \\(temperature\\)"):
+        g.main([*argv, "--temperature", "0.5"])
