@@ -501,7 +501,10 @@ def task_record(args: argparse.Namespace, task: str, setup: evaluation.Setup, so
     return {"prompt": {"template": PROMPTS[task], "max_length": args.max_length,
                        "chat_template": bool(args.chat_template and task not in NO_CHAT_TASKS)},
             "generate_kwargs": setup.generate_kwargs(),
-            "data": {**source.describe(), "max_samples": args.max_samples}}
+            "data": {**source.describe(), "max_samples": args.max_samples}, "model": str(args.model)}
+
+
+RESUME_KEYS = ("prompt", "generate_kwargs", "data", "model")  # another model in the same --out reruns
 
 
 @dataclasses.dataclass
@@ -537,7 +540,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         setup = dataclasses.replace(base, max_new_tokens=MAX_NEW_TOKENS[task])
         record = task_record(args, task, setup, source)
         preds, meta = out / f"{task}.jsonl", out / f"{task}.json"
-        if evaluation.is_finished(preds, meta, record):
+        if evaluation.is_finished(preds, meta, record, RESUME_KEYS):
             rows = read_prediction_rows(preds)
             scores[task], counts[task] = task_score(task, rows), len(rows)
             print(f"{task}: done before, skipped ({preds})")
@@ -559,7 +562,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         evaluation.write_jsonl(out / f"{job.task}.jsonl", rows)
         lengths = [len(p) for p in job.prompts]
         evaluation.write_json(out / f"{job.task}.json", {
-            **job.record, **engine.describe(), "samples": len(rows), "score": score, "metric": METRICS[job.task],
+            **engine.describe(), **job.record, "samples": len(rows), "score": score, "metric": METRICS[job.task],
             "prompt_tokens": {"max": max(lengths), "mean": round(sum(lengths) / len(lengths), 1)}})
         scores[job.task], counts[job.task] = score, len(rows)
         print(f"{job.task}: {METRICS[job.task]} {score:.2f} ({len(rows)} samples) -> {out / job.task}.jsonl")

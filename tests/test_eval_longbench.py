@@ -266,6 +266,37 @@ def test_end_to_end_with_resume(tiny, tmp_path, capsys, monkeypatch):
     assert (out / "triviaqa.jsonl").read_text() == before
 
 
+def test_a_long_prompt_builds_no_square_mask(tiny, tmp_path, monkeypatch):
+    """Prefill of a long prompt runs causal attention without a mask tensor: never an S x S mask."""
+    import torch
+
+    shapes, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append((q.shape[-2], k.shape[-2], None if attn_mask is None else tuple(attn_mask.shape[-2:])))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    data_dir = longbench_dir(tmp_path / "data", tasks=("hotpotqa",), n=1)
+    lb.main(["--model", str(tiny.model), "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
+             "--tasks", "hotpotqa", "--max-length", "1000"])
+    S = json.loads((tmp_path / "out" / "hotpotqa.json").read_text())["prompt_tokens"]["max"]
+    assert S > 900 and (S, S, None) in shapes                      # the whole prompt in one causal pass
+    assert all(mask is None or mask[0] < S for _, _, mask in shapes)
+
+
+def test_another_model_in_the_same_out_reruns(tiny, tmp_path, capsys):
+    data_dir, out = longbench_dir(tmp_path / "data", tasks=("hotpotqa",), n=1, n_items=5), tmp_path / "out"
+    args = ["--data-dir", str(data_dir), "--out", str(out), "--tasks", "hotpotqa"]
+    assert lb.main(["--model", str(tiny.model), *args]) == 0
+    meta = json.loads((out / "hotpotqa.json").read_text())
+    meta["model"] = "another/model"
+    (out / "hotpotqa.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert lb.main(["--model", str(tiny.model), *args]) == 0
+    assert "1 of 1 tasks to run" in capsys.readouterr().out
+
+
 def test_prompt_over_the_context_stops_before_generating(tiny, tmp_path, monkeypatch):
     data_dir = longbench_dir(tmp_path / "data", tasks=("hotpotqa",), n_items=400)  # ~5400 tokens > 4096
     monkeypatch.setattr(lb.evaluation.LocalEngine, "generate", lambda *a, **k: pytest.fail("must not generate"))
