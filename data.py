@@ -310,6 +310,8 @@ class DataError(ValueError):
 
     def __str__(self) -> str:
         n = len(self.problems)
+        if n == 1:  # one problem, one line
+            return self.problems[0]
         lines = [f"{n} problem{'s' if n != 1 else ''} in the data:", *self.problems[: self.shown]]
         if n > self.shown:
             lines.append(f"... and {n - self.shown} more")
@@ -1058,12 +1060,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- {s.source} ({len(s)} tokens)\n{_show_sample(tok, s, sys.stdout.isatty())}")
             print(stats.summary())
     except (DataError, ValueError, OSError) as e:
-        # One problem (a tokenizer, a file) is one line; the data's problems are listed.
-        message = e.problems[0] if isinstance(e, DataError) and len(e.problems) == 1 and not re.search(
-            r":\d+: ", e.problems[0]) else str(e)
-        print(f"data.py: error: {message}", file=sys.stderr)
+        # One problem is one line; several are listed, one per line.
+        message = str(e)
         if isinstance(e, DataError) and all(re.search(r":\d+: ", p) for p in e.problems):
-            print("(--skip-bad-samples skips bad records and counts them)", file=sys.stderr)
+            hint = "(--skip-bad-samples skips bad records and counts them)"
+            message += ("\n" if len(e.problems) > 1 else " ") + hint
+        print(f"data.py: error: {message}", file=sys.stderr)
         return 1
     return 0
 

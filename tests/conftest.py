@@ -11,18 +11,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def real_tokenizer_dir() -> Path | None:
-    """The real Qwen2.5 tokenizer and chat template ($QWEN_TOKENIZER_DIR, else ../shared beside the repo)."""
+def real_tokenizer_dir(*needed: str) -> Path | None:
+    """The real Qwen2.5 tokenizer and chat template ($QWEN_TOKENIZER_DIR, else ../shared beside the repo),
+    if it holds tokenizer.json and the `needed` files."""
     path = Path(os.environ.get("QWEN_TOKENIZER_DIR") or ROOT.parent / "shared" / "qwen2.5-tokenizer")
-    return path if (path / "tokenizer.json").is_file() else None
+    return path if all((path / name).is_file() for name in ("tokenizer.json", *needed)) else None
+
+
+def in_ci() -> bool:
+    """CI services set CI=true (.ci/run does too)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_real_tokenizer(*needed: str) -> Path:
+    """The real tokenizer directory. Without it the chat-template tests cannot run: a skip with the
+    reason for a developer, a failure in CI (where it is always provided, so a green run with dozens
+    of skips cannot hide a broken setup)."""
+    path = real_tokenizer_dir(*needed)
+    if path is None:
+        what = ", ".join(("tokenizer.json", *needed))
+        reason = f"the real Qwen2.5 tokenizer ({what}) is absent: set QWEN_TOKENIZER_DIR"
+        if in_ci():
+            pytest.fail(f"{reason} (required when CI is set)", pytrace=False)
+        pytest.skip(reason)
+    return path
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
-    path = real_tokenizer_dir()
-    if path is None:
-        pytest.skip("the real Qwen2.5 tokenizer is absent: set QWEN_TOKENIZER_DIR (.ci/run does)")
-    return path
+    return require_real_tokenizer()
 
 
 def hf_config(tied: bool = False, **overrides):

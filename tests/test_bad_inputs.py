@@ -17,13 +17,22 @@ import qwen2
 
 
 def run_cli(capsys, main, argv: list[str]) -> tuple[int, str]:
+    """main(argv) in-process: a non-zero exit, no traceback, and the error in ONE line: all of stderr
+    for an error found by the program (exit 1); argparse's usage then one error line (exit 2)."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     captured = capsys.readouterr()
     code = exit_.value.code
     assert code not in (0, None), captured.out + captured.err
     assert "Traceback" not in captured.err
-    return code, captured.err.strip()
+    err = captured.err.strip()
+    lines = err.splitlines()
+    if code == 2:  # argparse: usage lines, then the one error line
+        assert lines and lines[0].startswith("usage: ") and ": error: " in lines[-1], err
+        assert sum(": error: " in line for line in lines) == 1, err
+    else:
+        assert len(lines) == 1, f"not one line:\n{err}"
+    return code, err
 
 
 def one_line(err: str, prog: str) -> str:
@@ -33,33 +42,25 @@ def one_line(err: str, prog: str) -> str:
     return last
 
 
-COVERED = []  # the classes below, counted for the closing note (pytest -s prints the count)
-
-
-def case(name):
-    COVERED.append(name)
-    return name
-
-
 # ---------------------------------------------------------------------------------------------- data
 
 
 BAD_RECORDS = [
-    (case("invalid JSON"), '{"messages": [', "invalid JSON"),
-    (case("not an object"), '["a list"]', "not a JSON object"),
-    (case("no messages"), '{"conversation": []}', "no 'messages'"),
-    (case("unknown role"), '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+    ("invalid JSON", '{"messages": [', "invalid JSON"),
+    ("not an object", '["a list"]', "not a JSON object"),
+    ("no messages", '{"conversation": []}', "no 'messages'"),
+    ("unknown role", '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
      "unknown role 'robot'"),
-    (case("non-string content"),
+    ("non-string content",
      '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}', "content"),
-    (case("assistant with neither content nor tool calls"),
+    ("assistant with neither content nor tool calls",
      '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}', "neither content nor tool calls"),
-    (case("tool message with no tool call before it"),
+    ("tool message with no tool call before it",
      '{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}, '
      '{"role": "assistant", "content": "y"}]}', "no tool call before it"),
-    (case("conversation without an assistant turn"), '{"messages": [{"role": "user", "content": "x"}]}',
+    ("conversation without an assistant turn", '{"messages": [{"role": "user", "content": "x"}]}',
      "without any assistant message"),
-    (case("tool call without a name"),
+    ("tool call without a name",
      '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": '
      '[{"type": "function", "function": {"arguments": {}}}]}, {"role": "tool", "content": "r"}, '
      '{"role": "assistant", "content": "y"}]}', "tool call without a name"),
@@ -77,7 +78,8 @@ def test_bad_record(tiny, tmp_path, capsys, name, line, reason):
     assert not out.exists()
     # data.py check reports the same, with the same line number
     assert data.main(["check", "--data", str(path), "--tokenizer", str(tiny.model)]) == 1
-    assert f"{path}:3: " in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert f"{path}:3: " in err and len(err.splitlines()) == 1, err
 
 
 def test_skip_bad_samples_counts_them(tiny, tmp_path, capsys):
@@ -88,7 +90,7 @@ def test_skip_bad_samples_counts_them(tiny, tmp_path, capsys):
     assert "1 bad skipped, 2 samples kept" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", [case("data file missing"), case("data file empty")])
+@pytest.mark.parametrize("kind", ["data file missing", "data file empty"])
 def test_data_file_missing_or_empty(tiny, tmp_path, capsys, kind):
     path = tmp_path / "train.jsonl"
     if kind == "data file empty":
@@ -132,13 +134,13 @@ def broken_model(tiny, tmp_path, kind):
 
 
 MODEL_CASES = [
-    (case("model dir without config.json"), "no config.json", "config.json"),
-    (case("model dir without weights"), "no weights", "no model.safetensors"),
-    (case("model dir without tokenizer"), "no tokenizer", "tokenizer.json"),
-    (case("mis-shaped tensor"), "mis-shaped tensor", "model.layers.0.mlp.up_proj.weight [3, 3]"),
-    (case("missing tensor"), "missing tensor", "1 missing tensor(s): model.layers.0.mlp.up_proj.weight"),
-    (case("tokenizer larger than the embedding"), "tokenizer larger than the embedding", "embedding only"),
-    (case("unsupported model config"), "unsupported config", "model_type is 'llama'"),
+    ("model dir without config.json", "no config.json", "config.json"),
+    ("model dir without weights", "no weights", "no model.safetensors"),
+    ("model dir without tokenizer", "no tokenizer", "tokenizer.json"),
+    ("mis-shaped tensor", "mis-shaped tensor", "model.layers.0.mlp.up_proj.weight [3, 3]"),
+    ("missing tensor", "missing tensor", "1 missing tensor(s): model.layers.0.mlp.up_proj.weight"),
+    ("tokenizer larger than the embedding", "tokenizer larger than the embedding", "embedding only"),
+    ("unsupported model config", "unsupported config", "model_type is 'llama'"),
 ]
 
 
@@ -153,7 +155,6 @@ def test_bad_model(tiny, tmp_path, capsys, name, kind, message):
 
 
 def test_hub_id_not_available_offline(tiny, tmp_path, capsys, monkeypatch):
-    case("hub id unavailable offline")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     code, err = run_cli(capsys, focusft.main, ["--model", "nobody/nothing", "--data", str(tiny.data), "--out",
@@ -165,7 +166,6 @@ def test_hub_id_not_available_offline(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_out_is_a_file(tiny, tmp_path, capsys):
-    case("--out is a file")
     out = tmp_path / "taken"
     out.write_text("x")
     code, err = run_cli(capsys, focusft.main, ["--model", str(tiny.model), "--data", str(tiny.data), "--out", str(out)])
@@ -174,21 +174,20 @@ def test_out_is_a_file(tiny, tmp_path, capsys):
 
 
 def test_out_not_writable(tiny, capsys):
-    case("--out not writable")
     code, err = run_cli(capsys, focusft.main, ["--model", str(tiny.model), "--data", str(tiny.data), "--out",
                                                "/proc/focusft-out"])
     assert "--out /proc/focusft-out: cannot write there" in one_line(err, "focusft.py")
 
 
 FLAGS = [
-    (case("--micro-batch 0"), ["--micro-batch", "0"], "--micro-batch must be >= 1"),
-    (case("--layer-fraction 1.5"), ["--layer-fraction", "1.5"], "--layer-fraction must be in (0, 1]"),
-    (case("--inner-steps -1"), ["--inner-steps", "-1"], "--inner-steps must be >= 0"),
-    (case("--grad-accum 0"), ["--grad-accum", "0"], "--grad-accum must be >= 1"),
-    (case("--targets unknown"), ["--targets", "gate_proj,o_proj"], "unknown projection(s) o_proj"),
-    (case("--keep 0"), ["--keep", "0"], "--keep must be >= 1"),
-    (case("--lr not a number"), ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
-    (case("no --data"), [], "--data: give one or more"),
+    ("--micro-batch 0", ["--micro-batch", "0"], "--micro-batch must be >= 1"),
+    ("--layer-fraction 1.5", ["--layer-fraction", "1.5"], "--layer-fraction must be in (0, 1]"),
+    ("--inner-steps -1", ["--inner-steps", "-1"], "--inner-steps must be >= 0"),
+    ("--grad-accum 0", ["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    ("--targets unknown", ["--targets", "gate_proj,o_proj"], "unknown projection(s) o_proj"),
+    ("--keep 0", ["--keep", "0"], "--keep must be >= 1"),
+    ("--lr not a number", ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
+    ("no --data", [], "--data: give one or more"),
 ]
 
 
@@ -203,7 +202,6 @@ def test_bad_flag(tiny, tmp_path, capsys, name, flags, message):
 
 
 def test_layer_fraction_adapting_nothing(tiny, tmp_path, capsys):
-    case("--layer-fraction adapting no layer")
     code, err = run_cli(capsys, focusft.main, ["--model", str(tiny.model), "--data", str(tiny.data), "--out",
                                                str(tmp_path / "out"), "--layer-fraction", "1e-20"])
     assert "--layer-fraction 1e-20 adapts no layer of a 4-layer model" in one_line(err, "focusft.py")
@@ -213,14 +211,13 @@ def test_layer_fraction_adapting_nothing(tiny, tmp_path, capsys):
     (["--response-fraction", "2"], "--response-fraction must be in (0, 1)"),
     (["--seq", "0"], "--seq must hold at least two tokens per turn"),
     (["--model", "/nonexistent-model"], "--model: /nonexistent-model: no such directory"),
-], ids=[case("bench.py --response-fraction 2"), case("bench.py --seq 0"), case("bench.py --model missing")])
+], ids=["bench.py --response-fraction 2", "bench.py --seq 0", "bench.py --model missing"])
 def test_bench_bad_flag(capsys, flags, message):
     code, err = run_cli(capsys, bench.main, flags)
     assert message in one_line(err, "bench.py")
 
 
 def test_data_check_missing_tokenizer(tmp_path, capsys):
-    case("data.py check: tokenizer missing")
     good = tmp_path / "d.jsonl"
     good.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
     assert data.main(["check", "--data", str(good), "--tokenizer", str(tmp_path / "none")]) == 1
@@ -240,13 +237,17 @@ def eval_error(capsys, argv) -> str:
     # sys.exit("message") carries the message; argparse's errors are printed and exit 2
     message = exit_.value.code if isinstance(exit_.value.code, str) else captured.err.strip().splitlines()[-1]
     assert exit_.value.code not in (0, None) and "Traceback" not in captured.err
+    if isinstance(exit_.value.code, str):  # the message is all the user sees on stderr
+        assert captured.err.strip() == "", captured.err
+    else:  # argparse: usage, then the one error line
+        assert sum(": error: " in line for line in captured.err.splitlines()) == 1, captured.err
     assert message.startswith("eval_babilong.py: error: ") and "\n" not in message, message
     return message
 
 
 EVAL_CASES = [
-    (case("unknown BABILong task"), ["--tasks", "qa99"], "--tasks: unknown task 'qa99'"),
-    (case("unknown BABILong length"), ["--lengths", "3k"], "--lengths: unknown length '3k'"),
+    ("unknown BABILong task", ["--tasks", "qa99"], "--tasks: unknown task 'qa99'"),
+    ("unknown BABILong length", ["--lengths", "3k"], "--lengths: unknown length '3k'"),
 ]
 
 
@@ -258,7 +259,6 @@ def test_eval_bad_flag(tiny, tmp_path, capsys, name, flags, message):
 
 
 def test_eval_model_without_tokenizer(tiny, tmp_path, capsys):
-    case("eval: model without tokenizer files")
     model = broken_model(tiny, tmp_path, "no tokenizer")
     msg = eval_error(capsys, ["--model", str(model), "--synthetic", "--tasks", "qa1", "--lengths", "0k", "--out",
                               str(tmp_path / "out")])
@@ -266,7 +266,6 @@ def test_eval_model_without_tokenizer(tiny, tmp_path, capsys):
 
 
 def test_eval_data_dir_missing_a_file(tiny, tmp_path, capsys):
-    case("eval: data dir missing a file")
     (tmp_path / "babilong" / "0k").mkdir(parents=True)
     msg = eval_error(capsys, ["--model", str(tiny.model), "--data-dir", str(tmp_path / "babilong"), "--tasks", "qa1",
                               "--lengths", "0k", "--out", str(tmp_path / "out")])
@@ -274,7 +273,6 @@ def test_eval_data_dir_missing_a_file(tiny, tmp_path, capsys):
 
 
 def test_eval_out_is_a_file(tiny, tmp_path, capsys):
-    case("eval: --out is a file")
     out = tmp_path / "taken"
     out.write_text("x")
     msg = eval_error(capsys, ["--model", str(tiny.model), "--synthetic", "--out", str(out)])
@@ -282,14 +280,7 @@ def test_eval_out_is_a_file(tiny, tmp_path, capsys):
 
 
 def test_eval_csv_without_columns_and_missing_csv(tmp_path, capsys):
-    case("eval: predictions CSV without the needed columns")
-    case("eval: predictions CSV missing")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     assert "no column(s) target, output, question" in eval_error(capsys, ["--score-csv", str(bad), "--task", "qa1"])
     assert "no such file" in eval_error(capsys, ["--score-csv", str(tmp_path / "none.csv"), "--task", "qa1"])
-
-
-def test_count_of_covered_classes():
-    print(f"[bad inputs] {len(COVERED)} classes covered in this module")
-    assert len(COVERED) >= 25

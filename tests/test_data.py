@@ -2,7 +2,6 @@
 loss masks, loading and validation, batching and sharding, the small tokenizer, synthetic data, CLI."""
 
 import json
-import os
 import pickle
 import random
 import re
@@ -14,22 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_real_tokenizer
 
 import data
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def qwen_dir() -> Path:
-    env = os.environ.get("QWEN_TOKENIZER_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "qwen2.5-tokenizer"
-
-
 def _need_qwen() -> Path:
-    d = qwen_dir()
-    if not (d / "tokenizer.json").is_file() or not (d / "chat_template.jinja").is_file():
-        pytest.skip(f"real Qwen2.5 tokenizer/template not found in {d} (set QWEN_TOKENIZER_DIR)")
-    return d
+    return require_real_tokenizer("chat_template.jinja")  # a skip for a developer, a failure in CI
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +518,7 @@ def test_data_error_message_shows_twenty_then_a_count():
     assert lines[1:21] == [f"f.jsonl:{i}: bad" for i in range(1, 21)]
     assert lines[21:] == ["... and 5 more"]
     assert len(err.problems) == 25
-    assert str(data.DataError(["a:1: x"])) == "1 problem in the data:\na:1: x"
+    assert str(data.DataError(["a:1: x"])) == "a:1: x"  # one problem, one line
     assert pickle.loads(pickle.dumps(err)).problems == err.problems  # crosses process boundaries intact
 
 

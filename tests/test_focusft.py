@@ -1,6 +1,7 @@
 """The FocuSFT method (mask, inner loop, fast path = slow path) and its training script."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -216,18 +217,64 @@ def test_adapted_layers_and_schedule():
 
 
 def test_fast_weight_init_is_linear_default():
-    cfg = qwen2.Qwen2Config(vocab_size=32, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+    """A is drawn exactly like nn.Linear's weight (kaiming_uniform_(a=sqrt(5))) from the given
+    generator, projection after projection in order; B = 0; scale alpha / rank."""
+    cfg = qwen2.Qwen2Config(vocab_size=32, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2)
     model = qwen2.random_model(cfg)
-    fast = focusft.init_fast_weights(model, range(1, 2), rank=6, alpha=12.0, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(80, 6, bias=False)  # nn.Linear's default init of a (6 x 80) weight
-    assert fast[1]["down_proj"].A.shape == (6, 80) and fast[1]["down_proj"].B.shape == (48, 6)
-    assert fast[1]["down_proj"].scale == 2.0
-    bound = 1 / 80 ** 0.5
-    assert fast[1]["down_proj"].A.abs().max() <= bound and linear.weight.abs().max() <= bound
-    assert fast[1]["down_proj"].A.abs().max() > 0.9 * bound  # uniform over the whole range
-    assert all(torch.count_nonzero(lr_.B) == 0 for lr_ in fast[1].values())
+    fast = focusft.init_fast_weights(model, range(1, 3), rank=6, alpha=12.0, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    for i in (1, 2):
+        for name, d_in, d_out in (("gate_proj", 48, 80), ("up_proj", 48, 80), ("down_proj", 80, 48)):
+            expected = torch.empty(6, d_in)
+            torch.nn.init.kaiming_uniform_(expected, a=math.sqrt(5), generator=g)
+            A, B, scale = fast[i][name]
+            assert torch.equal(A, expected), (i, name)
+            assert B.shape == (d_out, 6) and torch.count_nonzero(B) == 0 and scale == 2.0
+    # ... which is nn.Linear's own default init of a (6 x 80) weight, drawn from the global generator
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(80, 6, bias=False)
+    torch.manual_seed(3)
+    again = focusft.init_fast_weights(model, range(2, 3), targets=("down_proj",), rank=6, alpha=12.0,
+                                      generator=torch.default_generator)
+    assert torch.equal(again[2]["down_proj"].A, linear.weight.detach())
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 7, 10, 11, 25])
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.1, 0.3])
+def test_schedule_is_transformers_cosine_with_warmup(total, warmup_ratio):
+    """Step s has the lr of a transformers Trainer run of the same length (warmup steps = ceil(ratio *
+    total), as the Trainer computes them), at small totals where off-by-one errors show."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(warmup_ratio * total)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-5)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    got = [focusft.lr_at(s, total, 1e-5, warmup_ratio) for s in range(total)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-20)
+
+
+def test_weight_decay_on_matrices_only(tiny):
+    """Projections and embeddings decay; RMSNorm weights and q/k/v biases do not (every parameter
+    in exactly one group)."""
+    model = qwen2.from_pretrained(tiny.model)
+    groups = focusft.param_groups(model, 0.01)
+    by_id = {}
+    for group in groups:
+        for p in group["params"]:
+            assert id(p) not in by_id, "a parameter in two groups"
+            by_id[id(p)] = group["weight_decay"]
+    names = dict(model.named_parameters())
+    assert set(by_id) == {id(p) for p in names.values()}
+    for name, p in names.items():
+        decayed = not (name.endswith(".bias") or name.endswith("norm.weight"))
+        assert by_id[id(p)] == (0.01 if decayed else 0.0), name
+    assert sum(1 for n in names if n.endswith(".bias")) == 3 * 4 and any(n.endswith("norm.weight") for n in names)
 
 
 # ---------------------------------------------------------------------------------------------- the script
