@@ -30,7 +30,6 @@ from pathlib import Path
 
 import data
 import evaluation
-import qwen2
 
 PROG = "eval_gpqa.py"
 
@@ -74,10 +73,13 @@ def _limits(memory_mb: int) -> list[str]:
 
 
 # Run by sh inside the new mount namespace, as root there: fresh tmpfs over the world-writable directories,
-# then the call's directory recreated at the same path on the new /tmp (from the old one, still the cwd).
-_PRIVATE_TMP = ('src=$PWD; for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then '
+# then the code copied from the call's directory (still the cwd) to the same path in every call, so what
+# the model sees (tracebacks name the file) does not depend on a random directory name.
+SANDBOX_DIR = "/tmp/sandbox"
+_PRIVATE_TMP = ('for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then '
                 'mount -t tmpfs -o size=256m,mode=1777 tmpfs "$d" || exit 97; fi; done; '
-                'mkdir -p -m 777 "$src" && cp main.py "$src/" && cd "$src" && unset PWD OLDPWD && exec "$@"')
+                f'mkdir -m 777 {SANDBOX_DIR} && cp main.py {SANDBOX_DIR}/ && cd {SANDBOX_DIR} && unset PWD OLDPWD '
+                '&& exec "$@"')
 
 
 def _isolation_prefixes(uid: int) -> list[tuple[str, list[str]]]:
@@ -158,8 +160,9 @@ def run_code(code: str, timeout: float = TOOL_TIMEOUT, memory_mb: int = TOOL_MEM
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
+        home = workdir if sandbox_mode() == "process-group" else SANDBOX_DIR
         proc = subprocess.Popen(_wrapper(uid, memory_mb) + [_sandbox_python(), "-I", "main.py"], cwd=workdir,
-                                env=_sandbox_env(workdir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                env=_sandbox_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + timeout
         out, err, closed = _read_capped(proc, deadline)
@@ -201,7 +204,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     # found as a descendant first; in the namespace modes, killing the PID namespace's first process makes
     # the kernel kill everything else in it, daemons included. (--kill-child alone is not enough: the
     # death signal it arms is cleared when the code's uid is set.)
-    for pid in [proc.pid, *_descendants(proc.pid)]:
+    descendants = _descendants(proc.pid)
+    for pid in [proc.pid, *descendants]:
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -213,6 +217,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
     for pipe in (proc.stdout, proc.stderr):
         pipe.close()
+    # SIGKILL takes effect asynchronously: return only once the orphaned descendants are gone too.
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in descendants) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 _FENCED = re.compile(r"```python(.*?)```", re.DOTALL)
@@ -413,37 +429,6 @@ class Rollout:
     stop: str = ""  # why it ended: 'answer' (a turn without a valid tool call), 'turns', 'length', 'context'
 
 
-class Turns:
-    """Generates the next turn of a batch of rollouts: `extend(tokens, budgets)` appends each row's new
-    tokens (the prompt, then tool turns) and returns what the model generates, up to budgets[b] tokens
-    (0: the row is not run); `select(rows)` keeps only the rollouts still going."""
-
-    def extend(self, tokens: list[list[int]], budgets: list[int]) -> list[list[int]]:
-        raise NotImplementedError
-
-    def select(self, rows: list[int]) -> None:
-        raise NotImplementedError
-
-
-class LocalTurns(Turns):
-    """The built-in model: one qwen2.Decoder for the batch, so a rollout's KV cache continues from turn to
-    turn; one seeded generator draws every sample of the batch."""
-
-    def __init__(self, model, eos: list[int], temperature: float, top_p: float, seed: int,
-                 prefill_chunk: int | None = None):
-        import torch
-
-        self.decoder = qwen2.Decoder(model, prefill_chunk)
-        self.eos, self.temperature, self.top_p = eos, temperature, top_p
-        self.generator = torch.Generator(device=model.device).manual_seed(seed)
-
-    def extend(self, tokens, budgets):
-        return self.decoder.extend(tokens, budgets, self.eos, self.temperature, self.top_p, self.generator)
-
-    def select(self, rows):
-        self.decoder.select(rows)
-
-
 def _decode(tokenizer, ids: list[int], skip_special: bool) -> str:
     return tokenizer.decode(ids, skip_special_tokens=skip_special)
 
@@ -464,7 +449,7 @@ def is_tool_error(result: str) -> bool:
     return result.startswith("Error when executing tool:") or bool(_EXCEPTION_LINE.search(result))
 
 
-def run_rollouts(turns: Turns, rollouts: list[Rollout], tokenizer, eos: list[int], pool: SandboxPool,
+def run_rollouts(turns: evaluation.Conversations, rollouts: list[Rollout], tokenizer, eos: list[int], pool: SandboxPool,
                  limits: Limits, progress=None) -> None:
     """Run a batch of rollouts to their end, as Open-AgentRL's ToolAgentLoop runs one (tool_agent_loop.py):
     after each turn stop on the response budget, then on the turn limit, then when the turn has no valid
@@ -677,12 +662,6 @@ def rollout_record(r: Rollout, p: Problem, scored: dict) -> dict:
                       "response_tokens": len(r.response), "stop": r.stop}}
 
 
-def make_turns(engine, setup, args, seed: int) -> Turns:
-    if isinstance(engine, evaluation.LocalEngine):
-        return LocalTurns(engine.model, setup.eos, args.temperature, args.top_p, seed, args.prefill_chunk)
-    raise evaluation.EvalError(f"{type(engine).__name__}: no multi-turn support")
-
-
 def settings_record(args, limits: Limits, data_path: Path, engine) -> dict:
     return {"data": str(data_path), "data_bytes": data_path.stat().st_size, "shuffle_seed": args.shuffle_seed,
             "engine": engine.describe(), "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
@@ -736,7 +715,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             group = todo[start:start + args.batch_size]
             rollouts = [Rollout(i, k, prompts[i], prompt_messages(problems[i].problem, problems[i].domain))
                         for i, k in group]
-            turns = make_turns(engine, setup, args, seed=args.seed * 1_000_003 + start)
+            sampling = evaluation.Sampling(args.temperature, args.top_p, seed=args.seed * 1_000_003 + start)
+            turns = engine.conversations(sampling)
             run_rollouts(turns, rollouts, setup.tokenizer, setup.eos, pool, limits, progress=bar)
             lines = [rollout_record(r, problems[r.problem], score_rollout(r, setup.tokenizer,
                      problems[r.problem].solution, limits)) for r in rollouts]

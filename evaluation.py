@@ -8,12 +8,14 @@ eval_babilong.py, eval_ruler.py, eval_longbench.py and eval_gpqa.py are built on
 - engines: `make_engine(args, setup)` -> an `Engine`, whose `generate(prompts, max_new_tokens, progress,
   sampling)` turns token-id prompts into generated token ids (list in, list out, in order; each output
   ends with its EOS id when generation stopped there). `LocalEngine` is the built-in qwen2.py model
-  (greedy, batched longest first, the batch size halved on CUDA out-of-memory, prefill in chunks); it
+  (batched longest first, the batch size halved on CUDA out-of-memory, prefill in chunks); it
   loads the weights on its first call, so a run whose results are all on disk never loads them.
   `ServerEngine` (--server URL) sends the same token ids to any OpenAI-compatible /v1/completions
   endpoint (`vllm serve CHECKPOINT`), so the same command scales out to a GPU node. `Sampling`
-  (temperature, top_p, seed) defaults to greedy; a multi-turn caller sends each turn's whole
-  conversation as the next prompt (vLLM's prefix cache keeps that cheap);
+  (temperature, top_p, seed) defaults to greedy. Multi-turn callers use `engine.conversations(sampling)`:
+  a batch of conversations extended turn by turn (the built-in model keeps each one's KV cache between
+  turns; a server gets each turn's whole conversation as the next prompt, which vLLM's prefix cache
+  keeps cheap);
 - the command line: `add_common_args(parser)` adds --model, --out, --batch-size, --dtype, --device,
   --prefill-chunk, --overflow, --server and --server-model; `check_common_args(args)` checks them, naming
   the flag;
@@ -183,8 +185,10 @@ def check_overflow(where: str, prompts: list[list[int]], setup: Setup, policy: s
 
 
 def generate_batched(model: torch.nn.Module, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-                     eos: list[int], prefill_chunk: int | None = None, progress=None) -> list[list[int]]:
-    """Greedy outputs for every prompt, in the prompts' order.
+                     eos: list[int], prefill_chunk: int | None = None, progress=None,
+                     sampling: Sampling | None = None) -> list[list[int]]:
+    """Greedy (or sampled) outputs for every prompt, in the prompts' order. Sampling draws each batch from
+    a generator seeded with sampling.seed + the batch's first position in that order.
 
     Prompts go longest first in batches of similar length (little padding, and an out-of-memory shows
     on the first batch). On a CUDA out-of-memory the batch size is halved for the rest of the run."""
@@ -195,6 +199,9 @@ def generate_batched(model: torch.nn.Module, prompts: list[list[int]], batch_siz
     while start < len(order):
         idx = order[start:start + batch_size]
         try:
+            if sampling is not None and not sampling.greedy:
+                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                              generator=torch.Generator(model.device).manual_seed(sampling.seed + start))
             new = qwen2.generate(model, [prompts[i] for i in idx], max_new_tokens, eos, **kwargs)
         except torch.cuda.OutOfMemoryError:
             new = None
@@ -248,9 +255,13 @@ class Engine:
     def describe(self) -> dict:
         raise NotImplementedError
 
+    def conversations(self, sampling: Sampling = GREEDY) -> Conversations:
+        """A new batch of multi-turn conversations (see Conversations)."""
+        raise NotImplementedError
+
 
 class LocalEngine(Engine):
-    """The built-in qwen2.py model, greedy; the weights are loaded on the first `generate` call."""
+    """The built-in qwen2.py model; the weights are loaded on the first `generate` call."""
 
     def __init__(self, model: str | os.PathLike, setup: Setup, batch_size: int = 8, dtype: str = "auto",
                  device: str | None = None, prefill_chunk: int | None = None):
@@ -267,10 +278,11 @@ class LocalEngine(Engine):
         return self._model
 
     def generate(self, prompts, max_new_tokens, progress=None, sampling=GREEDY):
-        if not sampling.greedy:
-            raise EvalError("the built-in engine decodes greedily only; sample with --server")
         return generate_batched(self.model, prompts, self.batch_size, max_new_tokens, self.setup.eos,
-                                self.prefill_chunk, progress=progress)
+                                self.prefill_chunk, progress=progress, sampling=sampling)
+
+    def conversations(self, sampling=GREEDY):
+        return LocalConversations(self.model, self.setup.eos, sampling, self.prefill_chunk)
 
     def describe(self):
         return {"model": self.name, "dtype": self.dtype}
@@ -364,6 +376,72 @@ class ServerEngine(Engine):
 
     def describe(self):
         return {"server": self.url, "server_model": self.model_name()}
+
+    def conversations(self, sampling=GREEDY):
+        return ServerConversations(self, sampling)
+
+
+class Conversations:
+    """A batch of multi-turn conversations (agentic rollouts) that grow turn by turn.
+
+    `extend(tokens, budgets)` appends tokens[b] to conversation b (its prompt on the first call, then
+    e.g. a tool turn) and returns what the model generates next, at most budgets[b] tokens and ending with
+    the first EOS id; a budget of 0 leaves the conversation as it is. What the model generated stays
+    part of the conversation. `select(rows)` keeps only those conversations, in that order (the finished
+    ones cost nothing more)."""
+
+    def extend(self, tokens: list[list[int]], budgets: list[int]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def select(self, rows: list[int]) -> None:
+        raise NotImplementedError
+
+
+class LocalConversations(Conversations):
+    """The built-in model: one qwen2.Decoder, so each conversation's KV cache continues from turn to turn
+    (nothing is encoded twice); one generator seeded with sampling.seed draws every sample of the batch."""
+
+    def __init__(self, model: torch.nn.Module, eos: list[int], sampling: Sampling, prefill_chunk: int | None):
+        self.decoder = qwen2.Decoder(model, prefill_chunk)
+        self.eos, self.sampling = eos, sampling
+        self.generator = torch.Generator(model.device).manual_seed(sampling.seed)
+
+    def extend(self, tokens, budgets):
+        s = self.sampling
+        return self.decoder.extend(tokens, budgets, self.eos, s.temperature, s.top_p, self.generator)
+
+    def select(self, rows):
+        self.decoder.select(rows)
+
+
+class ServerConversations(Conversations):
+    """A completions server: each turn sends the conversation so far as one token-id prompt (vLLM's prefix
+    cache keeps that cheap), up to the engine's concurrency at a time; conversation b's requests are
+    seeded with sampling.seed + b."""
+
+    def __init__(self, engine: ServerEngine, sampling: Sampling):
+        self.engine, self.sampling = engine, sampling
+        self.contexts: list[list[int]] = []
+        self.seeds: list[int] = []
+
+    def extend(self, tokens, budgets):
+        if not self.contexts:
+            self.contexts = [[] for _ in tokens]
+            self.seeds = [self.sampling.seed + b for b in range(len(tokens))]
+        for b, t in enumerate(tokens):
+            self.contexts[b] += t
+        self.engine.model_name()  # listed once here, before the requests fan out
+        with concurrent.futures.ThreadPoolExecutor(self.engine.concurrency) as pool:
+            futures = {b: pool.submit(self.engine.complete, self.contexts[b], n, replace(self.sampling,
+                                      seed=self.seeds[b])) for b, n in enumerate(budgets) if n > 0}
+        outputs = [futures[b].result() if b in futures else [] for b in range(len(tokens))]
+        for b, out in enumerate(outputs):
+            self.contexts[b] += out
+        return outputs
+
+    def select(self, rows):
+        self.contexts = [self.contexts[r] for r in rows]
+        self.seeds = [self.seeds[r] for r in rows]
 
 
 def make_engine(args: argparse.Namespace, setup: Setup) -> Engine:

@@ -57,8 +57,11 @@ def test_server_engine_sampling_seeds_each_prompt(setup):
         evaluation.ServerEngine(server.url, setup).generate([[5], [5], [5]], 1, sampling=sampling)
     sent = sorted((r["seed"], r["temperature"], r["top_p"]) for r in server.requests if "prompt" in r)
     assert sent == [(7, 1.0, 0.6), (8, 1.0, 0.6), (9, 1.0, 0.6)]
-    with pytest.raises(evaluation.EvalError, match="greedily only"):
-        evaluation.LocalEngine("m", setup).generate([[5]], 1, sampling=sampling)
+    # The built-in engine samples too: seeded, so a rerun draws the same tokens.
+    local = evaluation.LocalEngine(setup.directory, setup, batch_size=2)
+    drawn = local.generate([[5, 6], [5, 6], [7]], 8, sampling=sampling)
+    assert drawn == local.generate([[5, 6], [5, 6], [7]], 8, sampling=sampling)
+    assert drawn != local.generate([[5, 6], [5, 6], [7]], 8, sampling=evaluation.Sampling(1.0, 0.6, seed=8))
 
 
 def test_server_engine_errors_are_one_line(setup):

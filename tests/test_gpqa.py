@@ -13,7 +13,7 @@ import eval_gpqa as g
 CALL = '<tool_call>\n{{"name": "code_interpreter", "arguments": {{"code": "{}"}}}}\n</tool_call>'
 
 
-class ScriptedTurns(g.Turns):
+class ScriptedTurns(g.evaluation.Conversations):
     """A fake model: row r's n-th turn is script[r][n] (text, encoded), ending with <|im_end|>. Records the
     tokens each row was extended with."""
 
@@ -35,12 +35,12 @@ class ScriptedTurns(g.Turns):
         self.rows = [self.rows[i] for i in rows]
 
 
-def run_script(tokenizer, scripts, limits=None, timeout=5.0):
+def run_script(tokenizer, scripts, limits=None, timeout=5.0, turns=None):
     eos = [tokenizer.token_to_id(data.IM_END)]
-    turns = ScriptedTurns(tokenizer, scripts)
+    turns = turns or ScriptedTurns(tokenizer, scripts)
     rollouts = []
     for k in range(len(scripts)):
-        messages = g.prompt_messages("What is 6 x 7?\n\n(A) 42\n(B) 41\n(C) 40\n(D) 67", "Physics")
+        messages = g.prompt_messages(f"What is 6 x 7?\n\n(A) 42\n(B) 41\n(C) 40\n(D) 6{k}", "Physics")
         ids = tokenizer.encode(data.render_chat(messages, [g.CODE_TOOL], True), add_special_tokens=False).ids
         rollouts.append(g.Rollout(0, k, ids, messages))
     g.run_rollouts(turns, rollouts, tokenizer, eos, g.SandboxPool(2, timeout), limits or g.Limits())
@@ -109,6 +109,35 @@ def test_turn_and_token_limits(tok):
     assert r.mask[-1] == 1  # ends on the model's turn: the tool turn that would reach the budget is not added
     (r,), _ = run_script(tok, [always], g.Limits(context=len(r.prompt) + 30))
     assert r.stop == "context"
+
+
+@pytest.mark.parametrize("token_ids", [True, False])
+def test_server_conversations_give_the_same_transcripts(tok, token_ids):
+    """The scripted policy served by a local OpenAI-compatible server (vLLM's token ids in the answer, or
+    only the text): the same transcripts and tokens as the built-in path."""
+    from fake_server import choice, serve
+
+    scripts = [TWO_CALLS, [CALL.format("1 / 0"), "\\boxed{B}"], ["\\boxed{A}"]]
+    if g.sandbox_mode() == "process-group":  # tracebacks name a random directory there
+        scripts[1][0] = CALL.format("1 / 4")
+
+    def answer(body):
+        text = tok.decode(body["prompt"], skip_special_tokens=False)
+        row = int(text.split("(D) 6")[1][0])  # which rollout: its problem says
+        out = scripts[row][text.count("<tool_response>")]
+        ids = tok.encode(out + data.IM_END, add_special_tokens=False).ids
+        assert body["stop_token_ids"] == [tok.token_to_id(data.IM_END)] and body["max_tokens"] > len(ids)
+        return choice(ids, out, "stop", token_ids)
+
+    local, _ = run_script(tok, scripts)
+    with serve(answer) as server:
+        setup = g.evaluation.Setup(None, tok, None, [tok.token_to_id(data.IM_END)], 100)
+        engine = g.evaluation.ServerEngine(server.url, setup)
+        remote, _ = run_script(tok, scripts, turns=engine.conversations(g.evaluation.Sampling(1.0, 0.6, seed=7)))
+        seeds = sorted({r["seed"] for r in server.requests if "seed" in r})
+        assert seeds == [7, 8, 9] and {r["top_p"] for r in server.requests[1:]} == {0.6}
+    for a, b in zip(local, remote, strict=True):
+        assert a.messages == b.messages and a.response == b.response and a.mask == b.mask and a.stop == b.stop
 
 
 def write_csv(path, rows):
@@ -186,3 +215,22 @@ def test_command_line_end_to_end_and_resume(tiny, tmp_path, capsys):
     assert "3 to run (6 done before)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="other settings \\(temperature\\)"):
         g.main([*argv, "--temperature", "0.5"])
+
+
+@pytest.mark.slow
+def test_server_engine_end_to_end_equals_the_built_in_model(tiny, tmp_path):
+    """Greedy, the same rollouts from the built-in model and from a local server answering with it."""
+    from fake_server import model_answer, serve
+
+    import qwen2
+
+    synthetic_items(tmp_path / "items.jsonl", n=2)
+    common = ["--model", str(tiny.model), "--data", str(tmp_path / "items.jsonl"), "--rollouts", "1",
+              "--max-prompt-tokens", "720", "--max-response-tokens", "40", "--temperature", "0"]
+    assert g.main([*common, "--out", str(tmp_path / "local")]) == 0
+    model = qwen2.from_pretrained(tiny.model, dtype="float32").eval()
+    with serve(model_answer(model, data.load_tokenizer(tiny.model))) as server:
+        assert g.main([*common, "--out", str(tmp_path / "server"), "--server", server.url]) == 0
+    rows = [[{k: v for k, v in json.loads(line).items()} for line in (tmp_path / d / "rollouts.jsonl").open()]
+            for d in ("local", "server")]
+    assert rows[0] == rows[1]
