@@ -63,6 +63,33 @@ def test_other_metrics():
     assert lb.classification_score("Location", "Location", classes) == 1.0
     assert lb.classification_score("Location or Human being", "Location", classes) == 0.5
     assert lb.classification_score("Human being", "Location", classes) == 0.0
+    # each task goes to its metric (eval.py's dataset2metric)
+    assert lb.sample_score("gov_report", "a b c.", ["x", "c b a"]) == pytest.approx(1 / 3, abs=1e-7)
+    assert lb.sample_score("lcc", "# next\nx = 1\n", ["x = 2", "x = 1"]) == 1.0
+    assert lb.sample_score("trec", "\nLocation\nHuman being", ["Location"], classes) == 1.0  # first line only
+    assert {lb.METRICS[t] for t in ("qmsum", "multi_news", "repobench-p")} == {"rouge_score", "code_sim_score"}
+
+
+@pytest.mark.parametrize("prediction, truth, expected", [
+    ("the cat sat.", "the cat sat.", 1.0),
+    ("cat cat cat", "cat", 1.0),         # `rouge` counts distinct words: no penalty for repeating one
+    ("a. b. c", "c b a", 1.0),           # LCS per sentence pair, their union: order across sentences is free
+    ("c b a", "a b c", 1 / 3),           # one sentence: LCS 1 of 3 words
+    ("b a. b", "a b", 0.5),              # the back-trace picks "b" in the first pair (ties go left), as rouge's
+    ("", "a", 0.0),                      # `rouge` raises on an empty text; LongBench scores 0
+    ("...", "a", 0.0),                   # only full stops: no sentence
+])
+def test_rouge_score(prediction, truth, expected):
+    assert lb.rouge_score(prediction, truth) == pytest.approx(expected, abs=1e-7)  # F has a +1e-8 in its divisor
+
+
+def test_code_sim_score():
+    # the first line without ` # // (after leading newlines), compared character by character
+    assert lb.code_sim_score("\n# note\n```\n    return x\nmore", "    return x") == 1.0
+    assert lb.code_sim_score("\n\n    return x", "    return x") == 1.0    # indentation is part of the line
+    assert lb.code_sim_score("abcd", "abce") == 0.75                  # difflib: 2 x 3 matches / 8 characters
+    assert lb.code_sim_score("abcdefgh", "aijklmno") == 0.12          # 12.5 rounds half to even, as round() does
+    assert lb.code_sim_score("# all comments", "return x") == 0.0
 
 
 def test_classification_keeps_longbenchs_skip():
@@ -203,11 +230,11 @@ def test_score_dir(tmp_path, capsys):
             {"pred": "no", "answers": ["room3"], "all_classes": None, "length": 5}]
     write_task(tmp_path, "hotpotqa", rows)
     write_task(tmp_path, "triviaqa", [{"pred": "Rome\nParis", "answers": ["Paris"], "all_classes": None}])
-    write_task(tmp_path, "gov_report", [{"pred": "s", "answers": ["t"], "all_classes": None}])
+    write_task(tmp_path, "samsum", [{"pred": "s", "answers": ["t"], "all_classes": None}])
     assert lb.score_dir(tmp_path) == {"hotpotqa": 66.67, "triviaqa": 0.0}
     assert json.loads((tmp_path / "result.json").read_text()) == {"hotpotqa": 66.67, "triviaqa": 0.0}
     out = capsys.readouterr().out
-    assert "not scored (no metric here): gov_report" in out
+    assert "not scored (no metric here): samsum" in out
     assert "| hotpotqa | qa_f1_score | 3 | 66.67 |" in out and "| average | | | 33.34 |" in out
 
 
@@ -310,7 +337,7 @@ def test_prompt_over_the_context_stops_before_generating(tiny, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--tasks", "gov_report"], "--tasks: gov_report is scored with LongBench's rouge_score"),
+    (["--tasks", "samsum"], "--tasks: LongBench's samsum is not implemented here (rouge_score with pred.py's"),
     (["--tasks", "hotpot"], "--tasks: unknown task 'hotpot'"),
     (["--max-length", "1"], "--max-length must be at least 2"),
     (["--max-samples", "0"], "--max-samples must be at least 1"),
