@@ -1,9 +1,19 @@
 """Agentic GPQA-Diamond: the model solves each problem with a sandboxed Python tool, over several turns,
 and is scored as Open-AgentRL (github.com/Gen-Verse/Open-AgentRL, the DemyAgent evaluation) scores it.
 
+    # Open-AgentRL's setting: 32 rollouts per problem, temperature 1.0, top-p 0.6, the built-in model
     python eval_gpqa.py --model CHECKPOINT_DIR --data gpqa_diamond.parquet --out runs/gpqa/focusft
+    # the same on a vLLM server (`vllm serve CHECKPOINT_DIR`), 128 requests in flight
+    python eval_gpqa.py --model CHECKPOINT_DIR --data gpqa_diamond.parquet --out runs/gpqa/focusft \\
+        --server http://localhost:8000 --batch-size 128
+    # GPQA's own CSV (options shuffled with --shuffle-seed), a quick look: 20 problems, 4 rollouts
+    python eval_gpqa.py --model CHECKPOINT_DIR --data gpqa_diamond.csv --max-problems 20 --rollouts 4 --out try
 
-See docs/gpqa.md for the protocol, the data and the sandbox.
+Each problem is one user turn (Open-AgentRL's prompt) with the code_interpreter tool in Qwen2.5's tools
+system block; the model generates until <|im_end|>; its first valid <tool_call> runs in the sandbox below
+and the result comes back as a <tool_response> user turn; a turn without a valid call ends the rollout.
+Scoring: the last \\boxed{...} in the last 100 characters of the response equals the letter exactly.
+See docs/gpqa.md for the protocol with its sources, the data and the sandbox.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ def test_docs_are_linked_and_stay_inside_the_repository():
         assert f"]({name})" in README, f"README does not link {name}"
 
 
-SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "bench.py": [[]], "demo.py": [[]],
-           "data.py": [["synth"], ["check"]]}
+SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "eval_gpqa.py": [[]],
+           "bench.py": [[]], "demo.py": [[]], "data.py": [["synth"], ["check"]]}
 
 
 def test_every_flag_in_the_readme_exists():
