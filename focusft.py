@@ -113,8 +113,11 @@ def response_loss(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: Fa
 
 
 def clip_per_tensor(g: Tensor, max_norm: float) -> Tensor:
-    """g * min(1, c / ||g||), each tensor on its own (a zero gradient stays zero)."""
-    return g * (max_norm / g.float().norm()).clamp(max=1.0).to(g.dtype)
+    """g * min(1, c / ||g||), each tensor on its own (a zero gradient stays zero). The norm, the factor
+    and the product are fp32 and rounded once to g's dtype, as the authors' tensor-times-float does;
+    a factor rounded to bf16 first would be off by up to ~0.4%."""
+    factor = (max_norm / g.float().norm()).clamp(max=1.0)  # fp32 scalar tensor
+    return (g.float() * factor).to(g.dtype)
 
 
 def inner_loop(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastWeights, where: Tensor,
@@ -145,7 +148,7 @@ def inner_loop(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastW
 class StepOutput:
     loss: Tensor  # the outer loss, ready for backward (gradients reach theta only)
     inner_losses: list[float]  # L(theta, phi_k) for k = 0..K-1
-    fast: FastWeights | None  # phi_K (None for plain SFT), for diagnostics
+    fast: FastWeights | None  # phi_K (None for plain SFT): leaves whose .grad the outer backward fills
 
 
 def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor, *,
@@ -171,6 +174,11 @@ def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, 
         fast = init_fast_weights(model, range(start, L), targets, rank, alpha, generator, init_A, h.dtype)
         fast, inner = inner_loop(model, h.detach(), start, mask, fast, where, labels, inner_steps, inner_lr,
                                  inner_clip, inner_checkpoint)
+        # phi_K is a constant of the outer loss, but its outer gradient dL/dphi_K is still wanted: the
+        # authors' fast weights are module parameters, so their outer backward fills it and the global
+        # gradient-norm clip counts it (`clip_gradients`). Rank-r factors: cheap next to theta's.
+        fast = {i: {n: LowRank(A.requires_grad_(), B.requires_grad_(), s) for n, (A, B, s) in per.items()}
+                for i, per in fast.items()}
     top_checkpoint = inner_checkpoint if inner_steps > 0 else checkpoint
     loss = response_loss(model, h, start, mask, fast, where, labels, top_checkpoint)  # phi_K constant
     return StepOutput(loss, [x.item() for x in inner], fast)
@@ -316,6 +324,37 @@ def method_kwargs(args) -> dict:
                 inner_clip=args.inner_clip, rank=args.rank, alpha=args.alpha,
                 layer_fraction=args.layer_fraction, targets=tuple(args.targets), causal=args.causal,
                 checkpoint=args.grad_ckpt, inner_checkpoint=args.inner_ckpt)
+
+
+def fast_grads_of(fast: FastWeights) -> list[Tensor]:
+    """dL_outer/dphi_K after the outer backward, fp32, in a fixed (layer, projection, A/B) order."""
+    return [t.grad.float() if t.grad is not None else torch.zeros_like(t, dtype=torch.float32)
+            for per in fast.values() for lr_ in per.values() for t in (lr_.A, lr_.B)]
+
+
+def clip_gradients(model: nn.Module, fast_grads: list[Tensor] | None, max_norm: float, run: Run) -> float:
+    """The global gradient-norm clip of an optimizer step (max_norm 0: measure only); returns the norm.
+
+    The norm covers theta's gradients AND the fast weights' outer gradients, because the authors'
+    trainer clips `model.parameters()`, among which its fast weights are: their .grad (summed over the
+    step's micro-batches, averaged over ranks by DDP, like every parameter's) counts in the norm, so it
+    sets the clip factor of every update and the logged grad_norm. Only theta is scaled and stepped.
+    fast_grads: per fast-weight tensor, the sum over this process's micro-batches of the weighted
+    dL/dphi_K (each micro-batch has its own phi_K; the authors' parameters are shared, so they add up)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
+    if fast_grads:
+        flat = torch.cat([g.flatten() for g in fast_grads])
+        if run.world > 1:  # averaged over ranks, as DDP averages the authors' fast-weight gradients
+            dist.all_reduce(flat)
+            flat /= run.world
+        norm = torch.linalg.vector_norm(torch.stack([norm.to(flat.device), flat.norm()]))
+    if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s factor
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0).item()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+    return float(norm)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
@@ -683,9 +722,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing of the decoder layers below the fast weights (all "
                         "layers with --no-bilevel)")
-    g.add_argument("--inner-ckpt", action="store_true",
-                   help="activation checkpointing of the layers with fast weights too, in both loops "
-                        "(less memory, slower)")
+    g.add_argument("--inner-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing of the layers with fast weights too, in both loops (the "
+                        "authors' memory setting; --no-inner-ckpt is faster but holds the top layers' "
+                        "activations: ~11 GB more at 7B/4096)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and AdamW states over the processes (FSDP2) with fp32 master "
@@ -873,6 +913,7 @@ def train(args: argparse.Namespace, run: Run) -> None:
         # Every rank needs the step's totals before its backward passes, to weigh its micro-batches.
         real_mb, real_targets = all_reduce_sum([sum(1 for mb in group if mb), sum(n_targets)], run)
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, first inner loss, last inner loss, tokens
+        fast_grads = None  # sum over micro-batches of the weighted dL_outer/dphi_K (see clip_gradients)
         for j, (mb, batch) in enumerate(zip(group, batches, strict=True)):
             batch = {k: v.to(run.device) for k, v in batch.items()}
             if isinstance(objective, nn.parallel.DistributedDataParallel):
@@ -892,6 +933,9 @@ def train(args: argparse.Namespace, run: Run) -> None:
             else:
                 weight = run.world / real_mb
             (res.loss * weight).backward()
+            if res.fast is not None:  # summed over the micro-batches, for the clip's norm
+                g = fast_grads_of(res.fast)
+                fast_grads = g if fast_grads is None else [a + b for a, b in zip(fast_grads, g, strict=True)]
             if mb:
                 inner = res.inner_losses or [0.0]
                 sums = [sums[0] + res.loss.item(), sums[1] + inner[0], sums[2] + inner[-1],
@@ -902,9 +946,7 @@ def train(args: argparse.Namespace, run: Run) -> None:
                 t_diag = time.perf_counter()
                 log(diagnose(batch, res.fast, 0))
                 t0 += time.perf_counter() - t_diag  # not part of the step time
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip > 0
-                     else torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_gradients(model, fast_grads, args.grad_clip, run)
         # One all-reduce carries the metrics and any stop request, so all ranks decide alike.
         loss, in_first, in_last, tokens, stopping = all_reduce_sum([*sums, float(stop.signal is not None)], run)
         lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)

@@ -28,7 +28,11 @@ def test_fsdp_trains_like_ddp(tiny, tmp_path, method):
         assert torch.allclose(p, q, atol=1e-5), n  # 1% of one Adam step (lr 1e-3): reduction order only
     rows = {k: [json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for k, v in runs.items()}
     losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in rows.items()}
-    assert len(losses["fsdp"]) == 6 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
+    # rel 1e-4: the global clip (active from step 4 here, its norm counting the fast weights' gradients,
+    # which spike at step 6 with this tiny model's scale alpha/rank = 16) passes the reduction-order
+    # differences of the gradients on to the weights; the steps before agree to 1e-6
+    assert len(losses["fsdp"]) == 6 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-4)
+    assert losses["fsdp"][:4] == pytest.approx(losses["ddp"][:4], rel=1e-6)
     # the diagnostics ran under FSDP too (weights gathered on every rank), with the same numbers
     fsdp_diag = [r["attn_base"]["sink_mass"] for r in rows["fsdp"] if "attn_base" in r]
     ddp_diag = [r["attn_base"]["sink_mass"] for r in rows["ddp"] if "attn_base" in r]

@@ -1,0 +1,110 @@
+"""Fidelity to the authors' release: the same optimizer step (clip included) as their trainer computes it."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import report
+
+import data
+import focusft
+import qwen2
+from qwen2 import LowRank
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def authors_steps(tiny, steps: int, accum: int, lr: float, rank: int, alpha: float, fraction: float,
+                  seed: int = 1234) -> tuple[qwen2.Qwen2ForCausalLM, list[float]]:
+    """Optimizer steps computed the authors' way, spelled out: fast weights are parameters that live
+    across micro-batches (reset in place before each one, so their .grad adds up over the step), every
+    loss is a full forward with full-vocabulary logits, the inner step is their per-tensor clip with
+    a float factor, and torch's clip_grad_norm_ runs over the model's AND the fast weights' gradients.
+    The micro-batches and phi_0 draws are the trainer's (data order and seeding are not under test)."""
+    model = qwen2.from_pretrained(tiny.model)
+    L = model.config.num_hidden_layers
+    layers = focusft.adapted_layers(L, fraction)
+    samples, _ = data.load_samples([tiny.data], tiny.tokenizer, max_len=4096)
+    micro = data.epoch_microbatches([len(s) for s in samples], 1, 1, 0, seed, 0)
+    pad = tiny.tokenizer.token_to_id("<|endoftext|>")
+    phi = {(i, n): (torch.nn.Parameter(torch.zeros(rank, getattr(model.model.layers[i].mlp, n).weight.shape[1])),
+                    torch.nn.Parameter(torch.zeros(getattr(model.model.layers[i].mlp, n).weight.shape[0], rank)))
+           for i in layers for n in focusft.TARGETS}
+    phi_params = [t for pair in phi.values() for t in pair]
+    fast = {i: {n: LowRank(*phi[i, n], alpha / rank) for n in focusft.TARGETS} for i in layers}
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "norm" in n)]
+    rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    norms = []
+    for step in range(steps):
+        for j in range(accum):
+            b = data.collate([samples[i] for i in micro[step * accum + j]], pad)
+            ids, lm, am = b["input_ids"], b["loss_mask"], b["attention_mask"]
+            mask = focusft.hybrid_mask(lm, am)
+            phi_0 = focusft.init_fast_weights(model, layers, rank=rank, alpha=alpha,
+                                              generator=focusft.fast_weight_generator(seed, 0, step * accum + j))
+            with torch.no_grad():  # reset_inner: in place, .grad untouched
+                for (i, n), (A, B) in phi.items():
+                    A.copy_(phi_0[i][n].A)
+                    B.zero_()
+
+            def loss_of(ids, lm, mask):
+                logits = model.logits(model.run_layers(model.embed(ids), 0, L, mask=mask, fast=fast))[:, :-1]
+                per_token = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+                shift = lm[:, 1:].float()
+                return (per_token.view(shift.shape) * shift).sum() / shift.sum()
+
+            for _ in range(2):  # K = 2, eta = 1, c = 1
+                grads = torch.autograd.grad(loss_of(ids, lm, mask), phi_params)
+                with torch.no_grad():
+                    for p, g in zip(phi_params, grads, strict=True):
+                        norm = g.norm().item()
+                        p.sub_(g * (1.0 / (norm + 1e-12)) if norm > 1.0 else g)
+            (loss_of(ids, lm, mask) / accum).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_([*model.parameters(), *phi_params], 1.0).item())
+        progress = step / steps  # transformers' cosine schedule, no warmup
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * progress))
+        opt.step()
+        opt.zero_grad()
+        for p in phi_params:
+            p.grad = None
+    return model, norms
+
+
+def test_optimizer_steps_equal_the_authors(tiny, tmp_path):
+    """Two optimizer steps of focusft.py (the second depends on the first's clip factor: Adam's first
+    step does not see a gradient's scale) against `authors_steps`: the logged gradient norms, and
+    the weights after the clipped updates."""
+    lr, rank, alpha, fraction = 1e-2, 4, 16.0, 0.5
+    out = tmp_path / "run"
+    focusft.main(["--model", str(tiny.model), "--data", str(tiny.data), "--out", str(out), "--max-steps", "2",
+                  "--grad-accum", "3", "--lr", str(lr), "--warmup-ratio", "0", "--rank", str(rank), "--alpha",
+                  str(alpha), "--layer-fraction", str(fraction), "--ckpt-every", "0", "--dtype", "fp32"])
+    ours = qwen2.from_pretrained(out / "final")
+    theirs, norms = authors_steps(tiny, 2, 3, lr, rank, alpha, fraction)
+    logged = [r["grad_norm"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "grad_norm" in r]
+    print(f"[authors] gradient norms: ours {logged}, theirs {norms}")
+    assert min(norms) > 1.0  # the clip is active in both steps
+    assert logged == pytest.approx(norms, rel=1e-5)
+    start = qwen2.from_pretrained(tiny.model)
+    for (n, p), q, p0 in zip(ours.named_parameters(), theirs.parameters(), start.parameters(), strict=True):
+        # relative to the update (~lr per element): a different clip factor in step 1 moves step 2's
+        # update by about the factor's relative change
+        report(f"authors' step: {n}", p, q)
+        assert torch.allclose(p - p0, q - p0, rtol=1e-3, atol=lr * 1e-3), n
+
+
+def test_inner_clip_factor_is_fp32():
+    """bf16 gradients: the factor c / ||g|| stays fp32 and the product is rounded once, as the authors'
+    tensor-times-float does; a factor rounded to bf16 first is off by up to ~0.4%."""
+    g = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
+    ours = focusft.clip_per_tensor(g, 1.0)
+    theirs = (g.float() * (1.0 / g.float().norm().item())).to(torch.bfloat16)
+    assert torch.equal(ours, theirs)
+    assert ours.float().norm().item() == pytest.approx(1.0, rel=1e-2)
+    small = g / 1000  # norm below c: unchanged
+    assert torch.equal(focusft.clip_per_tensor(small, 1.0), small)
