@@ -33,17 +33,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import tokenizers
 import torch
 import torch.distributed as dist
 
 import data
 import eval_babilong
+import evaluation
 import focusft
 import qwen2
 
@@ -51,14 +50,12 @@ ROOT = Path(__file__).resolve().parent
 PROG = "demo.py"
 MARKER = "demo-settings.json"  # written first into --out: marks a directory this script may wipe
 LR = 3e-3  # the paper's 1e-5 suits a pretrained 7B; a random tiny model needs far larger steps to learn
-TOKENIZER_CONVERSATIONS = 64
 MAX_SAMPLES = 4000  # beyond this, long --steps runs repeat the data (epochs) instead of generating more
 LAST_STEPS = 10  # the end-of-training loss is averaged over this many steps (a single step is noisy)
-TAIL_LINES = 20
-TAIL_BYTES = 64 * 1024
+TAIL_LINES, TAIL_BYTES = 20, 64 * 1024  # what a failed stage's message shows of its output
 METHODS = {"sft": ("Standard SFT", ["--no-bilevel", "--causal"]), "focusft": ("FocuSFT", [])}
 COLUMNS = {"base": "base model (untrained)", "sft": "Standard SFT", "focusft": "FocuSFT"}
-EVAL_TASK_FOR_EXAMPLE = "qa1"
+EXAMPLE_TASK = "qa1"  # the task whose first sample the predictions table shows
 
 
 @dataclass(frozen=True)
@@ -92,68 +89,41 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line
+# Command line and output directory
 
 
 def cpu_count() -> int:
     """The cores this process may run on (a container's limit, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def distributed_available() -> bool:
-    return dist.is_available() and dist.is_gloo_available()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_nproc() -> int:
     """Two training processes (DDP under torchrun, as on a GPU node) where the machine can run them."""
-    return 2 if cpu_count() >= 2 and distributed_available() else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Build a tiny tokenizer, model and synthetic data; train it with Standard SFT and with "
-                    "FocuSFT; evaluate both on synthetic BABILong; print one comparison table. No downloads; "
-                    "CPU only.",
-        epilog="A second run into the same --out deletes the earlier demo there and starts again (the training "
-               "runs would otherwise resume from, or skip to, the earlier results).")
-    p.add_argument("--out", default="runs/demo",
-                   help="output directory for everything the demo makes (default: %(default)s)")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="training processes: 2 or more run focusft.py through torchrun (DDP over gloo), 1 runs "
-                        "it directly (default: 2 when torch.distributed is available and there are >= 2 CPU "
-                        "cores, else 1)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps of each training run (default: {FULL.steps}, or {QUICK.steps} with "
-                        f"--quick)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"reduced size for CI: {QUICK.tokens}-token samples, a {QUICK.hidden}-wide model, "
-                        f"{QUICK.steps} steps, evaluation at {' '.join(QUICK.eval_lengths)} with "
-                        f"{QUICK.eval_samples} samples per task")
-    p.add_argument("--seed", type=int, default=1234,
-                   help="seed of everything: tokenizer corpus, training data, model weights, training, "
-                        "evaluation samples (default: %(default)s, the paper's)")
-    return p
+    return 2 if cpu_count() >= 2 and dist.is_available() and dist.is_gloo_available() else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = build_parser()
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Build a tiny tokenizer, model and synthetic data; train it with Standard SFT "
+        "and with FocuSFT; evaluate both on synthetic BABILong; print one comparison table. No downloads; CPU only.",
+        epilog="A second run into the same --out deletes the earlier demo there and starts again.")
+    p.add_argument("--out", default="runs/demo", help="output directory for everything (default: %(default)s)")
+    p.add_argument("--nproc", type=int, help="training processes: 2 or more run focusft.py through torchrun (DDP "
+                   "over gloo), 1 runs it directly (default: 2 with torch.distributed and >= 2 CPU cores, else 1)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps of each training run (default: {FULL.steps}, or "
+                   f"{QUICK.steps} with --quick)")
+    p.add_argument("--quick", action="store_true", help=f"reduced size for CI: {QUICK.tokens}-token samples, a "
+                   f"{QUICK.hidden}-wide model, {QUICK.steps} steps, evaluation at {' '.join(QUICK.eval_lengths)} "
+                   f"with {QUICK.eval_samples} samples per task")
+    p.add_argument("--seed", type=int, default=1234, help="seed of everything: data, weights, training, "
+                   "evaluation samples (default: %(default)s, the paper's)")
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1 (got {args.steps})")
-    if args.nproc is not None:
-        if args.nproc < 1:
-            p.error(f"--nproc must be >= 1 (got {args.nproc})")
-        if args.nproc > 1 and not distributed_available():
-            p.error(f"--nproc {args.nproc}: this torch build has no torch.distributed with gloo; use --nproc 1")
+    for flag in ("steps", "nproc"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    if (args.nproc or 1) > 1 and not (dist.is_available() and dist.is_gloo_available()):
+        p.error(f"--nproc {args.nproc}: this torch build has no torch.distributed with gloo; use --nproc 1")
     return args
-
-
-# ----------------------------------------------------------------------------------------------------
-# The output directory and the inputs: tokenizer, model, data
 
 
 def prepare_out(out: Path, settings: dict) -> str:
@@ -177,57 +147,33 @@ def prepare_out(out: Path, settings: dict) -> str:
     return f"writing to {out}"
 
 
-def train_tokenizer(size: Size, seed: int) -> tokenizers.Tokenizer:
-    """A small BPE trained on synthetic conversations like the training data (drawn from another seed
-    stream) and on the evaluation's prompt texts, so both tokenize into reasonable pieces."""
+def build_inputs(out: Path, size: Size, seed: int, n_samples: int) -> dict:
+    """A small BPE trained on conversations like the training data and on the evaluation's prompts, the
+    random base checkpoint (the tokenizer files beside it) and the training data; their paths and facts."""
     rng = random.Random(f"demo-tokenizer/{seed}")
-    texts = []
-    for _ in range(TOKENIZER_CONVERSATIONS):
-        record = data.synthetic_conversation(rng, size.tokens, data.estimate_tokens)
-        texts.append(data.render_chat(record["messages"], record["tools"]))
+    texts = [data.render_chat(r["messages"], r["tools"]) for r in
+             (data.synthetic_conversation(rng, size.tokens, data.estimate_tokens) for _ in range(64))]
     for task in eval_babilong.SYNTHETIC_TASKS:
         prompt = eval_babilong.default_prompt(task, chat_template=True)
         texts += [prompt.instruction, prompt.examples, prompt.post_prompt]
-    return data.train_tokenizer(texts, vocab_size=size.vocab)
-
-
-def build_inputs(out: Path, size: Size, seed: int, n_samples: int) -> dict:
-    """The tiny tokenizer, the random base checkpoint (with the tokenizer files beside it) and the
-    training data. Returns their paths and a few facts for the table."""
-    tokenizer = train_tokenizer(size, seed)
-    model_dir, train_file = out / "model", out / "train.jsonl"
+    tokenizer = data.train_tokenizer(texts, vocab_size=size.vocab)
     config = qwen2.Qwen2Config(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
         max_position_embeddings=size.max_positions, rope_theta=10000.0, tie_word_embeddings=True,
         eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
     model = qwen2.random_model(config, seed=seed)
-    model.save_pretrained(model_dir)
-    data.save_tokenizer_files(tokenizer, model_dir)
+    model.save_pretrained(out / "model")
+    data.save_tokenizer_files(tokenizer, out / "model")
     # Sample lengths counted with the tiny tokenizer itself, so "1024 tokens" is what the model sees.
-    data.write_synthetic(train_file, n_samples, size.tokens, seed,
+    data.write_synthetic(out / "train.jsonl", n_samples, size.tokens, seed,
                          count_tokens=lambda text: len(tokenizer.encode(text).ids))
-    return {"model": model_dir, "data": train_file, "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab": tokenizer.get_vocab_size()}
+    return {"model": out / "model", "data": out / "train.jsonl", "vocab": tokenizer.get_vocab_size(),
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Running the stages (subprocesses, their output shown live and kept in logs/)
-
-
-def _pump(stream, echo, log, lock: threading.Lock, keep: bytearray | None) -> None:
-    # Forward a child's stream as it comes (tqdm redraws with '\r', so never wait for whole lines).
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        with lock:
-            log.write(chunk)
-        if keep is not None:
-            keep += chunk
-            del keep[:-TAIL_BYTES]
-        if echo is not None:
-            echo.write(decoder.decode(chunk))
-            echo.flush()
-
+# Running the stages: each a subprocess, its output (stdout and stderr together) shown and kept in logs/
 
 # torchrun's log records ('E1128 17:26:18.683000 29184 .../torch/distributed/elastic/...') can start in the
 # middle of a worker's unfinished progress-bar line. Its failure report (an E record, then a launcher
@@ -236,34 +182,17 @@ _TORCHRUN_RECORD = re.compile(r"(?=[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S*torch/
 
 
 def error_tail(raw: bytes, lines: int = TAIL_LINES) -> str:
-    """The last lines of a child's stderr as a terminal would show them: each progress-bar line reduced
+    """The last lines of a child's output as a terminal would show them: each progress-bar line reduced
     to its last redraw, torchrun's failure report left out."""
     shown = []
     for line in _TORCHRUN_RECORD.sub("\n", raw.decode("utf-8", "replace")).split("\n"):
         frames = [f for f in line.split("\r") if f.strip()]
         if not frames:
             continue
-        if frames[-1].startswith("E") and _TORCHRUN_RECORD.match(frames[-1]) and shown:
+        if _TORCHRUN_RECORD.match(frames[-1]) and frames[-1].startswith("E") and shown:
             break
         shown.append(frames[-1].rstrip())
     return "\n".join(shown[-lines:])
-
-
-def _short(arg: str) -> str:
-    # A path relative to the working directory where it is inside it; 'python' for the interpreter.
-    if arg == sys.executable:
-        return "python"
-    if os.path.isabs(arg):
-        try:
-            return str(Path(arg).relative_to(Path.cwd()))
-        except ValueError:
-            pass
-    return arg
-
-
-def _display(cmd: list[str]) -> str:
-    """The command as a user would type it."""
-    return shlex.join(_short(a) for a in cmd)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -280,48 +209,46 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _display(cmd: list[str]) -> str:
+    """The command as a user would type it: 'python', paths relative to the working directory."""
+    def short(a: str) -> str:
+        if a == sys.executable:
+            return "python"
+        return os.path.relpath(a) if os.path.isabs(a) and a.startswith(os.getcwd() + os.sep) else a
+    return shlex.join(short(a) for a in cmd)
+
+
 def run_stage(stage: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
               echo: bool = True) -> None:
-    """Run one stage's command with its output shown live and saved to log_path; a failure raises
-    DemoError naming the stage, with the tail of the command's stderr."""
+    """Run one stage's command, its output shown as it comes and saved to log_path; a failure raises
+    DemoError naming the stage, with the tail of the output."""
     print(f"  $ {_display(cmd)}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    lock, err = threading.Lock(), bytearray()
-    # Unbuffered children: their summary lines and progress bars arrive in order and at once.
-    env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}
+    env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}  # lines and bars in order
+    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), bytearray()
     with open(log_path, "wb") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         except OSError as e:
             raise DemoError(f"{stage}: cannot start {cmd[0]} ({e.strerror or e})") from None
-        pumps = [threading.Thread(target=_pump, daemon=True,
-                                  args=(proc.stdout, sys.stdout if echo else None, log, lock, None)),
-                 threading.Thread(target=_pump, daemon=True,
-                                  args=(proc.stderr, sys.stderr if echo else None, log, lock, err))]
-        for t in pumps:
-            t.start()
-        try:
+        try:  # chunks, not lines: tqdm redraws its bar with '\r'
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                log.write(chunk)
+                tail += chunk
+                del tail[:-TAIL_BYTES]
+                if echo:
+                    sys.stdout.write(decoder.decode(chunk))
+                    sys.stdout.flush()
             rc = proc.wait()
         except KeyboardInterrupt:
             _stop(proc)
-            for t in pumps:  # a worker that outlived its launcher may hold the pipes open: don't wait forever
-                t.join(timeout=5)
             raise Interrupted(stage) from None
-        for t in pumps:
-            t.join()
     if rc != 0:
-        tail = error_tail(bytes(err)) or "(it wrote nothing to stderr)"
         how = f"exit status {rc}" if rc > 0 else f"killed by signal {-rc}"
-        raise DemoError(f"stage '{stage}' failed ({how}). The end of its stderr:\n"
-                        + "\n".join("  | " + line for line in tail.split("\n"))
-                        + f"\nIts full output is in {log_path}")
-
-
-def child_env(threads: int) -> dict[str, str]:
-    # Every process gets its share of the cores: two training processes with two threads each on two
-    # cores would fight over them.
-    return {**os.environ, "OMP_NUM_THREADS": str(max(1, threads))}
+        lines = (error_tail(bytes(tail)) or "(it wrote nothing)").split("\n")
+        raise DemoError(f"stage '{stage}' failed ({how}). The end of its output:\n"
+                        + "\n".join("  | " + line for line in lines) + f"\nIts full output is in {log_path}")
 
 
 def training_command(method: str, model: Path, data_file: Path, out: Path, steps: int, epochs: int,
@@ -329,8 +256,7 @@ def training_command(method: str, model: Path, data_file: Path, out: Path, steps
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])  # --standalone: a free port, never a clash with another job
     return [*launcher, str(ROOT / "focusft.py"), "--model", str(model), "--data", str(data_file), "--out", str(out),
-            *METHODS[method][1],
-            "--max-steps", str(steps), "--epochs", str(epochs), "--lr", str(LR),
+            *METHODS[method][1], "--max-steps", str(steps), "--epochs", str(epochs), "--lr", str(LR),
             "--grad-accum", "1",  # more optimizer steps from the few minutes there are
             "--attn-every", str(max(1, steps // 4)), "--ckpt-every", "0", "--seed", str(seed), "--device", "cpu"]
 
@@ -346,16 +272,7 @@ def eval_command(model: Path, out: Path, size: Size, seed: int) -> list[str]:
 # Reading the results and building the table
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DemoError(f"{path}: missing (the training run wrote no metrics)")
-    try:
-        return focusft.read_metrics(path)
-    except json.JSONDecodeError as e:
-        raise DemoError(f"{path}: not JSON Lines ({e})") from None
-
-
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
 
@@ -368,131 +285,88 @@ def summarize_run(rows: list[dict], source: str = "metrics.jsonl") -> dict:
     steps = [r for r in rows if "step_s" in r]
     if not diag or not steps:
         raise DemoError(f"{source}: no {'attention diagnostics' if not diag else 'step times'} logged")
-    start = next((r for r in diag if r["step"] == 0), diag[0])
-    end = diag[-1]
+    start, end = next((r for r in diag if r["step"] == 0), diag[0]), diag[-1]
     good = [r for r in steps if "skipped" not in r]
-
-    def stat(row: dict, key: str, name: str) -> float | None:
-        return row[key][name] if key in row else None
-
-    return {
-        "steps": steps[-1]["step"], "start_step": start["step"], "end_step": end["step"],
-        "sink_start": stat(start, "attn_base", "sink_mass"), "sink_end": stat(end, "attn_base", "sink_mass"),
-        "engagement_start": stat(start, "attn_base", "context_engagement"),
-        "engagement_end": stat(end, "attn_base", "context_engagement"),
-        "fast_sink_start": stat(start, "attn_fast", "sink_mass"), "fast_sink_end": stat(end, "attn_fast", "sink_mass"),
-        "fast_engagement_start": stat(start, "attn_fast", "context_engagement"),
-        "fast_engagement_end": stat(end, "attn_fast", "context_engagement"),
-        "step_s_median": statistics.median(r["step_s"] for r in steps),
-        "loss_start": good[0]["loss"] if good else None,
-        "loss_end": _mean([r["loss"] for r in good[-LAST_STEPS:]]),
-        # focusft.py logs L(theta, phi_k) for k = 0 .. K-1 (inner_first: the base weights' own loss, as
-        # phi_0 adds nothing) and the outer loss L(theta, phi_K): the inner loop's effect on each sample.
-        "inner_before": _mean([r.get("inner_first") for r in good]),
-        "inner_after": _mean([r["loss"] for r in good]) if any("inner_first" in r for r in good) else None,
-        "skipped_steps": len(steps) - len(good),
-    }
+    summary = {"steps": steps[-1]["step"], "start_step": start["step"], "end_step": end["step"]}
+    for prefix, key in (("", "attn_base"), ("fast_", "attn_fast")):
+        for name, stat in (("sink", "sink_mass"), ("engagement", "context_engagement")):
+            for when, row in (("start", start), ("end", end)):
+                summary[f"{prefix}{name}_{when}"] = row[key][stat] if key in row else None
+    # focusft.py logs L(theta, phi_k) for k = 0 .. K-1 (inner_first: the base weights' own loss, as
+    # phi_0 adds nothing) and the outer loss L(theta, phi_K): the inner loop's effect on each sample.
+    return {**summary, "step_s_median": statistics.median(r["step_s"] for r in steps),
+            "loss_start": good[0]["loss"] if good else None,
+            "loss_end": _mean([r["loss"] for r in good[-LAST_STEPS:]]),
+            "inner_before": _mean([r.get("inner_first") for r in good]),
+            "inner_after": _mean([r["loss"] for r in good]) if any("inner_first" in r for r in good) else None,
+            "skipped_steps": len(steps) - len(good)}
 
 
-def read_accuracy(eval_dir: Path, lengths: tuple[str, ...]) -> dict[str, float | None]:
-    """Mean accuracy over the tasks per length, as a fraction, from eval_babilong.py's results.json."""
-    path = eval_dir / "results.json"
+def read_eval(eval_dir: Path, lengths: tuple[str, ...]) -> tuple[dict, dict]:
+    """From eval_babilong.py's files: the mean accuracy over the tasks per length (a fraction), and per
+    length the first sample of one task (question, target, the model's output), to show what it means."""
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DemoError(f"{path}: unreadable evaluation results ({e})") from None
-    return {n: results["mean"].get(n) for n in lengths}
-
-
-def first_predictions(eval_dir: Path, lengths: tuple[str, ...]) -> dict[str, dict]:
-    """Per length, the first sample of one task: question, target and the model's output, so the user
-    sees what the accuracy figures are made of."""
-    prompt = eval_babilong.default_prompt(EVAL_TASK_FOR_EXAMPLE, chat_template=True)
-    found = {}
+        mean = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))["mean"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise DemoError(f"{eval_dir / 'results.json'}: unreadable evaluation results ({e})") from None
+    prompt = eval_babilong.default_prompt(EXAMPLE_TASK, chat_template=True)
+    examples = {}
     for length in lengths:
-        csv_path = eval_babilong.pair_paths(eval_dir, EVAL_TASK_FOR_EXAMPLE, length, prompt)[0]
-        try:
-            rows = eval_babilong.read_predictions(csv_path)
-        except eval_babilong.EvalError:
-            continue
+        csv_path = eval_babilong.pair_paths(eval_dir, EXAMPLE_TASK, length, prompt)[0]
+        rows = eval_babilong.read_predictions(csv_path) if csv_path.is_file() else []
         if rows:
-            found[length] = rows[0]
-    return found
+            examples[length] = rows[0]
+    return {n: mean.get(n) for n in lengths}, examples
 
 
 def predictions_table(examples: dict[str, dict[str, dict]], lengths: tuple[str, ...], width: int = 40) -> str:
     """Markdown: the question and target, then each model's output (shortened), per length."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    def output(column: str, length: str) -> str:
-        row = examples.get(column, {}).get(length)
-        if row is None:
-            return "-"
-        text = row["output"]
-        return cell(repr(text[:width] + ("..." if len(text) > width else "")))
+    def output(row: dict | None) -> str:
+        return "-" if row is None else repr(row["output"][:width] + ("..." if len(row["output"]) > width else ""))
 
     any_model = next(iter(examples.values()), {})
-    lines = [f"| {EVAL_TASK_FOR_EXAMPLE}, first sample | " + " | ".join(lengths) + " |",
-             "| --- |" + " --- |" * len(lengths),
-             "| question -> target | " + " | ".join(
-                 cell(f"{any_model[n]['question']} -> {any_model[n]['target']}") if n in any_model else "-"
-                 for n in lengths) + " |"]
-    lines += [f"| {name} | " + " | ".join(output(c, n) for n in lengths) + " |" for c, name in COLUMNS.items()]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    rows = [["question -> target", *(f"{any_model[n]['question']} -> {any_model[n]['target']}" if n in any_model
+                                     else "-" for n in lengths)]]
+    rows += [[name, *(output(examples.get(c, {}).get(n)) for n in lengths)] for c, name in COLUMNS.items()]
+    lines = [f"| {EXAMPLE_TASK}, first sample | " + " | ".join(lengths) + " |", "| --- |" + " --- |" * len(lengths)]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows])
 
 
 def comparison(accuracy: dict[str, dict[str, float | None]], runs: dict[str, dict], lengths: tuple[str, ...],
                inner_steps: int = 2) -> list[dict]:
     """The table's rows, each {key, label, values: {column: number or None}, format}. accuracy holds
     fractions per column and length (base, sft, focusft); runs holds summarize_run() of sft and focusft."""
-    sft, foc = runs["sft"], runs["focusft"]
-    first, last = sft["start_step"], sft["end_step"]
-    rows = []
-
-    def add(key: str, label: str, spec: str, values: dict[str, float | None]) -> None:
-        rows.append({"key": key, "label": label, "format": spec,
-                     "values": {c: values.get(c) for c in COLUMNS}})
-
-    for n in lengths:
-        add(f"accuracy_{n}", f"accuracy at {n} context, % (mean of the tasks)", ".1f",
-            {c: None if accuracy[c].get(n) is None else 100 * accuracy[c][n] for c in COLUMNS})
-    for key, label in (("sink", "sink mass"), ("engagement", "context engagement"),
-                       ("fast_sink", "sink mass, with fast weights"),
-                       ("fast_engagement", "context engagement, with fast weights")):
-        add(f"{key}_start", f"{label}, start (step {first})", ".4f",
-            {"sft": sft[f"{key}_start"], "focusft": foc[f"{key}_start"]})
-        add(f"{key}_end", f"{label}, end (step {last})", ".4f",
-            {"sft": sft[f"{key}_end"], "focusft": foc[f"{key}_end"]})
+    first, last = runs["sft"]["start_step"], runs["sft"]["end_step"]
+    rows = [{"key": f"accuracy_{n}", "label": f"accuracy at {n} context, % (mean of the tasks)", "format": ".1f",
+             "values": {c: None if accuracy[c].get(n) is None else 100 * accuracy[c][n] for c in COLUMNS}}
+            for n in lengths]
     # FocuSFT's loss is the outer loss, with the adapted fast weights: lower than its base weights' own.
-    add("loss_start", "training loss (FocuSFT: with fast weights), first step", ".3f",
-        {"sft": sft["loss_start"], "focusft": foc["loss_start"]})
-    add("loss_end", f"training loss (FocuSFT: with fast weights), mean of the last {min(LAST_STEPS, sft['steps'])} "
-                    f"steps", ".3f",
-        {"sft": sft["loss_end"], "focusft": foc["loss_end"]})
-    add("inner_before", "inner loop: loss before it, with the base weights (mean over steps)", ".3f",
-        {"sft": sft["inner_before"], "focusft": foc["inner_before"]})
-    add("inner_after", f"inner loop: loss after its {inner_steps} steps, the outer loss (mean over steps)", ".3f",
-        {"sft": sft["inner_after"], "focusft": foc["inner_after"]})
-    add("step_s_median", "step time, median (s)", ".3f",
-        {"sft": sft["step_s_median"], "focusft": foc["step_s_median"]})
-    add("step_ratio", "step time vs Standard SFT", ".2f",
-        {"sft": 1.0, "focusft": foc["step_s_median"] / sft["step_s_median"]})
+    trained = [(f"{key}_{when}", f"{label}, {when} (step {first if when == 'start' else last})", ".4f")
+               for key, label in (("sink", "sink mass"), ("engagement", "context engagement"),
+                                  ("fast_sink", "sink mass, with fast weights"),
+                                  ("fast_engagement", "context engagement, with fast weights"))
+               for when in ("start", "end")] + [
+        ("loss_start", "training loss (FocuSFT: with fast weights), first step", ".3f"),
+        ("loss_end", f"training loss (FocuSFT: with fast weights), mean of the last "
+                     f"{min(LAST_STEPS, runs['sft']['steps'])} steps", ".3f"),
+        ("inner_before", "inner loop: loss before it, with the base weights (mean over steps)", ".3f"),
+        ("inner_after", f"inner loop: loss after its {inner_steps} steps, the outer loss (mean over steps)", ".3f"),
+        ("step_s_median", "step time, median (s)", ".3f")]
+    rows += [{"key": key, "label": label, "format": spec,
+              "values": {"base": None, **{m: runs[m][key] for m in METHODS}}} for key, label, spec in trained]
+    ratio = runs["focusft"]["step_s_median"] / runs["sft"]["step_s_median"]
+    rows.append({"key": "step_ratio", "label": "step time vs Standard SFT", "format": ".2f",
+                 "values": {"base": None, "sft": 1.0, "focusft": ratio}})
     return rows
 
 
 def render_markdown(rows: list[dict]) -> str:
-    lines = ["| | " + " | ".join(COLUMNS.values()) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
-    for row in rows:
-        cells = [_fmt(row["values"][c], row["format"]) for c in COLUMNS]
-        if row["key"] == "step_ratio":
-            cells = [c if c == "-" else c + "x" for c in cells]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def cell(row: dict, column: str) -> str:
+        value = row["values"][column]
+        return "-" if value is None else format(value, row["format"]) + ("x" if row["key"] == "step_ratio" else "")
+
+    return evaluation.markdown_table(["", *COLUMNS.values()], [[r["label"], *(cell(r, c) for c in COLUMNS)]
+                                                              for r in rows])
 
 
 def caveats(facts: dict, rows: list[dict]) -> str:
@@ -521,102 +395,6 @@ def caveats(facts: dict, rows: list[dict]) -> str:
         f"method's effect, fine-tune a real Qwen2.5 (see the README).")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The demo
-
-
-def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Every stage, the table printed and saved; returns what comparison.json holds."""
-    t_start = time.perf_counter()
-    size = QUICK if args.quick else FULL
-    if args.steps is not None:
-        size = replace(size, steps=args.steps)
-    nproc = args.nproc or default_nproc()
-    cores = cpu_count()
-    out = Path(args.out).resolve()
-    # One epoch of fresh samples (one per process per step), up to a cap, then repeated as epochs.
-    n_samples = min(size.steps * nproc, MAX_SAMPLES)
-    epochs = math.ceil(size.steps * nproc / n_samples)
-    settings = {"command": shlex.join(["python", PROG, *argv]),
-                "size": asdict(size), "nproc": nproc, "seed": args.seed, "lr": LR, "samples": n_samples,
-                "date": datetime.date.today().isoformat(), "cpu_cores": cores, "torch": torch.__version__,
-                "python": platform.python_version(), "machine": platform.machine()}
-    stages = 7
-    timings: dict[str, float] = {}
-    prepared = prepare_out(Path(args.out), settings)  # before anything else: a wrong --out stops the demo at once
-
-    def stage(k: int, text: str) -> float:
-        print(f"\n[{k}/{stages}] {text}", flush=True)
-        return time.perf_counter()
-
-    t = stage(1, "tiny tokenizer, random Qwen2 checkpoint and synthetic training data")
-    print(f"  {prepared}", flush=True)
-    inputs = build_inputs(out, size, args.seed, n_samples)
-    print(f"  tokenizer: {inputs['vocab']} tokens (Qwen's ChatML special tokens); model: "
-          f"{inputs['parameters'] / 1e6:.2f}M parameters, {size.layers} layers, hidden {size.hidden} "
-          f"-> {inputs['model']}\n  data: {n_samples} agentic conversations of about {size.tokens} tokens "
-          f"-> {inputs['data']}", flush=True)
-    timings["setup"] = time.perf_counter() - t
-
-    logs = out / "logs"
-    train_env = child_env(cores // nproc)
-    for k, method in enumerate(METHODS, 2):
-        name = METHODS[method][0]
-        t = stage(k, f"training: {name}, {size.steps} steps on {nproc} process(es), "
-                     f"{train_env['OMP_NUM_THREADS']} thread(s) each")
-        cmd = training_command(method, inputs["model"], inputs["data"], out / method, size.steps, epochs, nproc,
-                               args.seed)
-        run_stage(f"training: {name}", cmd, logs / f"train-{method}.log", train_env)
-        if not (out / method / "final" / "config.json").is_file():
-            raise DemoError(f"stage 'training: {name}' ended without a checkpoint in {out / method / 'final'} "
-                            f"(stopped by a signal?); see {logs / f'train-{method}.log'}")
-        timings[f"train_{method}"] = time.perf_counter() - t
-
-    models = {"base": inputs["model"], "sft": out / "sft" / "final", "focusft": out / "focusft" / "final"}
-    accuracy, examples = {}, {}
-    for k, column in enumerate(COLUMNS, 4):
-        t = stage(k, f"evaluation: {COLUMNS[column]}, synthetic BABILong qa1-qa5 at "
-                     f"{' '.join(size.eval_lengths)}, {size.eval_samples} samples per task and length")
-        eval_dir = out / "eval" / column
-        run_stage(f"evaluation: {COLUMNS[column]}", eval_command(models[column], eval_dir, size, args.seed),
-                  logs / f"eval-{column}.log", child_env(cores))
-        accuracy[column] = read_accuracy(eval_dir, size.eval_lengths)
-        examples[column] = first_predictions(eval_dir, size.eval_lengths)
-        timings[f"eval_{column}"] = time.perf_counter() - t
-
-    t = stage(7, "comparison")
-    runs = {m: summarize_run(read_metrics(out / m / "metrics.jsonl"), str(out / m / "metrics.jsonl"))
-            for m in METHODS}
-    rows = comparison(accuracy, runs, size.eval_lengths, inner_steps(out / "focusft" / "config.json"))
-    timings["total"] = time.perf_counter() - t_start
-    facts = {**settings, "parameters": inputs["parameters"], "tasks": list(eval_babilong.SYNTHETIC_TASKS)}
-    markdown = report(facts, rows, predictions_table(examples, size.eval_lengths), timings)
-    result = {"settings": settings, "parameters": inputs["parameters"], "columns": COLUMNS, "rows": rows,
-              "runs": runs, "accuracy": accuracy, "examples": examples, "timings_s": timings}
-    (out / "comparison.md").write_text(markdown, encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\n{markdown}")
-    print(f"Done in {timings['total'] / 60:.1f} min. Everything is in {_short(str(out))}/:\n"
-          f"  model/                                    the tiny random base model (HF format) with its tokenizer\n"
-          f"  train.jsonl                               the synthetic training data\n"
-          f"  sft/final/, focusft/final/                the trained checkpoints (HF format: transformers and "
-          f"vLLM load them)\n"
-          f"  sft/metrics.jsonl, focusft/metrics.jsonl  loss, step time, attention diagnostics, per step\n"
-          f"  eval/base/, eval/sft/, eval/focusft/      predictions (a CSV and a JSON per task and length), "
-          f"results.md\n"
-          f"  logs/                                     the full output of every stage\n"
-          f"  comparison.md, comparison.json            this table")
-    return result
-
-
-def inner_steps(run_config: Path) -> int:
-    # K as the FocuSFT run used it (focusft.py's default unless that changes), for the table's label.
-    try:
-        return int(json.loads(run_config.read_text(encoding="utf-8"))["inner_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 2
-
-
 def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, float]) -> str:
     """comparison.md: what was run, the table, one prediction per model, and what it all can and cannot show."""
     size = facts["size"]
@@ -628,10 +406,83 @@ def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, f
               f"{timings['total'] / 60:.1f} min (training {timings['train_sft']:.0f} s + "
               f"{timings['train_focusft']:.0f} s, evaluation "
               f"{sum(v for k, v in timings.items() if k.startswith('eval_')):.0f} s).")
-    parts = [header, render_markdown(rows)]
-    parts.append(f"What the models answer (the outputs are in eval/*/{EVAL_TASK_FOR_EXAMPLE}_*.csv):\n\n{predictions}")
-    parts.append(caveats(facts, rows))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join([header, render_markdown(rows), f"What the models answer (the outputs are in "
+                        f"eval/*/{EXAMPLE_TASK}_*.csv):\n\n{predictions}", caveats(facts, rows)]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The demo
+
+
+def settings_of(args: argparse.Namespace, argv: list[str]) -> tuple[Size, dict]:
+    """The size and everything that describes this run (written first into --out, and into the table)."""
+    size = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
+    nproc = args.nproc or default_nproc()
+    return size, {"command": shlex.join(["python", PROG, *argv]), "size": asdict(size), "nproc": nproc,
+                  "seed": args.seed, "lr": LR, "samples": min(size.steps * nproc, MAX_SAMPLES),
+                  "date": datetime.date.today().isoformat(), "cpu_cores": cpu_count(), "torch": torch.__version__,
+                  "python": platform.python_version(), "machine": platform.machine()}
+
+
+def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Every stage, the table printed and saved; returns what comparison.json holds."""
+    t_start = time.perf_counter()
+    size, settings = settings_of(args, argv)
+    nproc, cores, out = settings["nproc"], settings["cpu_cores"], Path(args.out).resolve()
+    epochs = math.ceil(size.steps * nproc / settings["samples"])  # fresh samples up to a cap, then epochs
+    prepared = prepare_out(Path(args.out), settings)  # before anything else: a wrong --out stops the demo at once
+    timings: dict[str, float] = {}
+
+    def stage(k: int, text: str) -> float:
+        print(f"\n[{k}/7] {text}", flush=True)
+        return time.perf_counter()
+
+    t = stage(1, "tiny tokenizer, random Qwen2 checkpoint and synthetic training data")
+    inputs = build_inputs(out, size, args.seed, settings["samples"])
+    print(f"  {prepared}\n  tokenizer: {inputs['vocab']} tokens (Qwen's ChatML special tokens); model: "
+          f"{inputs['parameters'] / 1e6:.2f}M parameters, {size.layers} layers, hidden {size.hidden} -> "
+          f"{inputs['model']}\n  data: {settings['samples']} agentic conversations of about {size.tokens} tokens "
+          f"-> {inputs['data']}", flush=True)
+    timings["setup"] = time.perf_counter() - t
+
+    threads = max(1, cores // nproc)  # two processes with two threads each on two cores would fight
+    for k, (method, (name, _)) in enumerate(METHODS.items(), 2):
+        t = stage(k, f"training: {name}, {size.steps} steps on {nproc} process(es), {threads} thread(s) each")
+        cmd = training_command(method, inputs["model"], inputs["data"], out / method, size.steps,
+                               epochs, nproc, args.seed)
+        log = out / "logs" / f"train-{method}.log"
+        run_stage(f"training: {name}", cmd, log, {**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if not (out / method / "final" / "config.json").is_file():
+            raise DemoError(f"stage 'training: {name}' ended without a checkpoint in {out / method / 'final'} "
+                            f"(stopped by a signal?); see {log}")
+        timings[f"train_{method}"] = time.perf_counter() - t
+
+    models = {"base": inputs["model"], "sft": out / "sft" / "final", "focusft": out / "focusft" / "final"}
+    accuracy, examples = {}, {}
+    for k, (column, name) in enumerate(COLUMNS.items(), 4):
+        t = stage(k, f"evaluation: {name}, synthetic BABILong qa1-qa5 at {' '.join(size.eval_lengths)}, "
+                     f"{size.eval_samples} samples per task and length")
+        run_stage(f"evaluation: {name}", eval_command(models[column], out / "eval" / column, size, args.seed),
+                  out / "logs" / f"eval-{column}.log", {**os.environ, "OMP_NUM_THREADS": str(cores)})
+        accuracy[column], examples[column] = read_eval(out / "eval" / column, size.eval_lengths)
+        timings[f"eval_{column}"] = time.perf_counter() - t
+
+    stage(7, "comparison")
+    runs = {m: summarize_run(focusft.read_metrics(out / m / "metrics.jsonl"), str(out / m / "metrics.jsonl"))
+            for m in METHODS}
+    inner = json.loads((out / "focusft" / "config.json").read_text(encoding="utf-8")).get("inner_steps", 2)
+    rows = comparison(accuracy, runs, size.eval_lengths, inner)
+    timings["total"] = time.perf_counter() - t_start
+    facts = {**settings, "parameters": inputs["parameters"], "tasks": list(eval_babilong.SYNTHETIC_TASKS)}
+    markdown = report(facts, rows, predictions_table(examples, size.eval_lengths), timings)
+    result = {"settings": settings, "parameters": inputs["parameters"], "columns": COLUMNS, "rows": rows,
+              "runs": runs, "accuracy": accuracy, "examples": examples, "timings_s": timings}
+    (out / "comparison.md").write_text(markdown, encoding="utf-8")
+    evaluation.write_json(out / "comparison.json", result)
+    print(f"\n{markdown}\nDone in {timings['total'] / 60:.1f} min. Everything is in {_display([str(out)])}/: "
+          f"model/ and train.jsonl (the inputs), sft/ and focusft/ (final/ checkpoints in the HF format, "
+          f"metrics.jsonl), eval/ (predictions), logs/ (every stage's output), comparison.md and .json (this table)")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

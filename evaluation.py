@@ -619,6 +619,7 @@ def percent(value: float | None) -> str:
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A markdown table; the first column left-aligned (names), the others right-aligned (numbers)."""
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    def line(cells) -> str:
+        return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+    return "\n".join([line(header), "| --- |" + " ---: |" * (len(header) - 1), *map(line, rows)])
