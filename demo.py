@@ -3,18 +3,12 @@
     python demo.py              # about 4 minutes on 2 CPU cores; everything goes to runs/demo
     python demo.py --quick      # a reduced size for CI and a first look (well under a minute)
 
-It builds a tiny byte-level BPE tokenizer (Qwen's ChatML special tokens), a tiny random Qwen2
-checkpoint in the Hugging Face format and synthetic agentic long-context training data; trains the
-model twice on the same data, steps and seed, with Standard SFT (`focusft.py --no-bilevel --causal`)
-and with FocuSFT (`focusft.py`'s defaults), through torchrun when it can; evaluates both checkpoints
-and the untrained base with `eval_babilong.py --synthetic`; and prints one comparison table: accuracy
-by context length, sink mass and context engagement at the start and the end of training, and the
-median step time. The table is saved as comparison.md and comparison.json in the output directory.
-
-At this scale the accuracies say nothing about the method: a model of about a million random
-parameters trained for a few minutes learns the format of its training conversations, not to answer
-questions over long contexts. What the demo shows is that the pipeline runs end to end, what the
-attention diagnostics look like, and what a FocuSFT step costs next to an SFT step.
+A tiny tokenizer, a random Qwen2 checkpoint and synthetic agentic data; training with Standard SFT
+(`focusft.py --no-bilevel --causal`) and with FocuSFT (the defaults), under torchrun when it can;
+`eval_babilong.py --synthetic` of both and of the untrained base; one comparison table (accuracy per
+context length, attention diagnostics at the start and end, step time), saved as comparison.md/.json.
+At this scale the accuracies say nothing about the method (docs/demo.md says why); the demo shows
+that the pipeline runs end to end, what the diagnostics look like, and what a FocuSFT step costs.
 """
 
 from __future__ import annotations
@@ -199,9 +193,8 @@ def _stop(proc: subprocess.Popen) -> None:
     # The child got the same Ctrl-C (focusft.py then finishes its step, checkpoints and exits): give it
     # a moment. Then SIGTERM, which torchrun passes on to its workers (their own process groups, which
     # a SIGKILL of torchrun would leave running); SIGKILL last.
-    for action, wait in ((None, 30), (proc.terminate, 15), (proc.kill, None)):
-        if action is not None:
-            action()
+    for action, wait in ((lambda: None, 30), (proc.terminate, 15), (proc.kill, None)):
+        action()
         try:
             proc.wait(timeout=wait)
             return
@@ -376,23 +369,17 @@ def caveats(facts: dict, rows: list[dict]) -> str:
              if v is not None]
     noise = 200 * math.sqrt(0.15 * 0.85 / n)  # two standard errors of an accuracy near 15%, in points
     return (
-        f"What this shows: the whole pipeline runs (data, tokenizer, model, {facts['nproc']}-process training with "
-        f"both methods, Hugging Face checkpoints, evaluation with the benchmark's prompt and scoring); the attention "
-        f"diagnostics of response tokens (sink mass: the attention on the first 5 tokens; context engagement: on "
-        f"the other context tokens), measured on the same training sample in both runs, each under its own "
-        f"training mask; and what a FocuSFT step costs next to an SFT step (the two runs are timed one after the "
-        f"other, so a busy machine skews the ratio; `python bench.py` measures it interleaved, without the mask's "
-        f"share).\n\n"
-        f"What it cannot show: the paper's accuracy gains. A random model of {facts['parameters'] / 1e6:.1f}M "
-        f"parameters trained for {facts['size']['steps']} steps learns the format of its training conversations "
-        f"(its loss falls), not to answer questions over long contexts. Its accuracy is chance at best: a model "
-        f"that names the same room for every question scores about 13% (right 1 time in 6 on qa1-qa4, never on "
-        f"qa5), one that answers with a tool call or filler scores 0, and with {n} samples per length a "
-        f"difference under about {noise:.0f} points is noise anyway. So a gap between the columns tells which "
-        f"model ended up with an answer-shaped output, not which one reads long contexts better. Attention sinks "
-        f"form in pretraining, so a random model has none: the sink mass is at most {max(sinks, default=0):.1%} "
-        f"here, where the paper measures 30% for Standard SFT of Qwen2.5-7B. To see the "
-        f"method's effect, fine-tune a real Qwen2.5 (see the README).")
+        f"What this shows: the pipeline runs end to end ({facts['nproc']}-process training of both methods, Hugging "
+        f"Face checkpoints, evaluation with the benchmark's prompt and scoring); the attention diagnostics of "
+        f"response tokens (sink mass: attention on the first 5 tokens; context engagement: on the other context "
+        f"tokens) on the same training sample in both runs; and what a FocuSFT step costs next to an SFT step "
+        f"(timed one run after the other, so machine load skews it; `python bench.py` measures it interleaved)."
+        f"\n\nWhat it cannot show: the paper's accuracy gains. A random {facts['parameters'] / 1e6:.1f}M-parameter "
+        f"model trained for {facts['size']['steps']} steps learns the format of its conversations, not to read "
+        f"long contexts: its accuracy is chance at best (the same room for every question scores about 13%), "
+        f"and with {n} samples per length a difference under about {noise:.0f} points is noise. A random model "
+        f"has no attention sink either (at most {max(sinks, default=0):.1%} here; the paper measures 30% for "
+        f"Standard SFT of Qwen2.5-7B). To see the method's effect, fine-tune a real Qwen2.5 (see the README).")
 
 
 def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, float]) -> str:
