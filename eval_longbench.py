@@ -484,7 +484,10 @@ def hub_zip(repo: str, revision: str) -> Path:
                     f"<task>.jsonl files")
 
 
-def make_source(args: argparse.Namespace) -> ZipData | FolderData:
+DataSource = ZipData | FolderData  # .where (for messages), .check(tasks), .samples(task), .describe()
+
+
+def make_source(args: argparse.Namespace) -> DataSource:
     if args.data_dir:
         path = Path(args.data_dir).expanduser()
         if path.is_file() and path.suffix == ".zip":
@@ -553,7 +556,7 @@ def score_dir(folder: str | Path) -> dict[str, float]:
     for task in tasks:
         rows = read_prediction_rows(files[task])
         scores[task], counts[task] = task_score(task, rows), len(rows)
-    (folder / "result.json").write_text(json.dumps(scores, indent=4) + "\n", encoding="utf-8")
+    evaluation.write_json(folder / "result.json", scores, indent=4)
     if skipped:
         print(f"not scored (no metric here): {', '.join(skipped)}")
     print(results_table(scores, counts))
@@ -567,11 +570,12 @@ def score_dir(folder: str | Path) -> dict[str, float]:
 def decode_prediction(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int]) -> str:
     """pred.py's prediction: the new tokens up to the first EOS, special tokens dropped, NOT stripped
     (eval.py cuts triviaqa/trec at the first line after leading newlines only, so spaces matter)."""
-    stop = next((k for k, t in enumerate(ids) if t in set(eos)), len(ids))
+    stop_ids = set(eos)
+    stop = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
     return tokenizer.decode(ids[:stop], skip_special_tokens=True)
 
 
-def task_record(args: argparse.Namespace, task: str, setup: evaluation.Setup, source) -> dict:
+def task_record(args: argparse.Namespace, task: str, setup: evaluation.Setup, source: DataSource) -> dict:
     """What a task's predictions depend on; a rerun reuses them only if all of it is the same."""
     return {"prompt": {"template": PROMPTS[task], "max_length": args.max_length,
                        "chat_template": bool(args.chat_template and task not in NO_CHAT_TASKS)},
@@ -591,7 +595,7 @@ class Job:
     record: dict
 
 
-def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source, record: dict) -> Job:
+def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source: DataSource, record: dict) -> Job:
     """A task's samples and token-id prompts, checked against the model's context (before any generation)."""
     samples = source.samples(task)[:args.max_samples]  # [:None] is all
     if not samples:

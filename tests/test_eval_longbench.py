@@ -3,10 +3,12 @@
 import json
 import zipfile
 
+import fake_server
 import pytest
 
 import data
 import eval_longbench as lb
+import qwen2
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
@@ -291,6 +293,20 @@ def test_end_to_end_with_resume(tiny, tmp_path, capsys, monkeypatch):
     assert "1 of 2 tasks to run" in capsys.readouterr().out
     assert json.loads((out / "hotpotqa.json").read_text())["prompt"]["chat_template"] is True
     assert (out / "triviaqa.jsonl").read_text() == before
+
+
+def test_server_engine_writes_the_same_predictions(tiny, tmp_path):
+    """--server (an OpenAI-compatible completions server answering from the same model, text only, the
+    harder case: the text is encoded again) gives the same prediction file."""
+    data_dir = longbench_dir(tmp_path / "data", tasks=("hotpotqa",))
+    argv = ["--model", str(tiny.model), "--data-dir", str(data_dir), "--max-length", "200", "--tasks", "hotpotqa"]
+    assert lb.main([*argv, "--out", str(tmp_path / "local")]) == 0
+    model, tokenizer = qwen2.from_pretrained(tiny.model), data.load_tokenizer(tiny.model)
+    with fake_server.serve(fake_server.model_answer(model, tokenizer, token_ids=False)) as server:
+        assert lb.main([*argv, "--out", str(tmp_path / "server"), "--server", server.url]) == 0
+    assert [r["max_tokens"] for r in server.requests] == [32, 32]
+    assert (tmp_path / "server" / "hotpotqa.jsonl").read_text() == (tmp_path / "local" / "hotpotqa.jsonl").read_text()
+    assert json.loads((tmp_path / "server" / "hotpotqa.json").read_text())["server"] == server.url
 
 
 def test_a_long_prompt_builds_no_square_mask(tiny, tmp_path, monkeypatch):
