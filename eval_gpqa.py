@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import data
 import evaluation
 
@@ -479,7 +481,9 @@ def run_rollouts(turns: evaluation.Conversations, rollouts: list[Rollout], token
             r.mask += [1] * len(out)
             r.assistant_turns += 1
             text = _decode(tokenizer, out, skip_special=False)
-            body = text[:-len(data.IM_END)] if out and out[-1] in eos and text.endswith(data.IM_END) else text
+            # The message holds the turn without its stop token (<|im_end|>, or a base model's <|endoftext|>):
+            # the chat template adds <|im_end|> back.
+            body = _decode(tokenizer, out[:-1], skip_special=False) if out and out[-1] in eos else text
             call = parse_tool_call(text)
             if len(r.response) >= limits.max_response_tokens:
                 r.stop = "length"
@@ -727,7 +731,12 @@ def evaluate(args: argparse.Namespace) -> dict:
                         for i, k in group]
             sampling = evaluation.Sampling(args.temperature, args.top_p, seed=args.seed * 1_000_003 + start)
             turns = engine.conversations(sampling)
-            run_rollouts(turns, rollouts, setup.tokenizer, setup.eos, pool, limits, progress=bar)
+            try:
+                run_rollouts(turns, rollouts, setup.tokenizer, setup.eos, pool, limits, progress=bar)
+            except torch.cuda.OutOfMemoryError:
+                raise evaluation.EvalError(f"out of GPU memory with --batch-size {args.batch_size} rollouts of up to "
+                                           f"{limits.context} tokens each; lower --batch-size (finished rollouts "
+                                           f"are saved)") from None
             lines = [rollout_record(r, problems[r.problem], score_rollout(r, setup.tokenizer,
                      problems[r.problem].solution, limits)) for r in rollouts]
             with open(rollouts_path, "a", encoding="utf-8") as f:
