@@ -37,7 +37,7 @@ def test_docs_are_linked_and_stay_inside_the_repository():
 
 
 SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "eval_gpqa.py": [[]],
-           "bench.py": [[]], "demo.py": [[]], "data.py": [["synth"], ["check"]]}
+           "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["synth"], ["check"]]}
 
 
 def test_every_flag_in_the_readme_exists():
