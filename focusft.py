@@ -103,11 +103,14 @@ def targets_of(input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor) -> 
 
 
 def response_loss(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastWeights | None,
-                  where: Tensor, labels: Tensor, checkpoint: bool = False, ffn_first: bool = False) -> Tensor:
+                  where: Tensor, labels: Tensor, checkpoint: bool = False, attended: bool = False) -> Tensor:
     """L(theta, phi): layers start..L-1 on h (B, S, D), then the mean next-token cross-entropy over
-    the micro-batch's response tokens (eq. 4 and 6)."""
-    h = model.run_layers(h, start, model.config.num_hidden_layers, mask=mask, fast=fast,
-                         checkpoint=checkpoint, ffn_first=ffn_first)
+    the micro-batch's response tokens (eq. 4 and 6). attended: h is already past layer start's
+    attention half (see inner_loop), so that layer runs its FFN half only."""
+    if attended:
+        h = model.run_ffn(h, start, fast=(fast or {}).get(start), checkpoint=checkpoint)
+        start += 1
+    h = model.run_layers(h, start, model.config.num_hidden_layers, mask=mask, fast=fast, checkpoint=checkpoint)
     logits = model.logits(h[:, :-1], where)  # (N, V): only where a response token comes next
     return F.cross_entropy(logits.float(), labels)
 
@@ -134,7 +137,7 @@ def inner_loop(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastW
         fast = {i: {n: LowRank(A.detach().requires_grad_(), B.detach().requires_grad_(), s)
                     for n, (A, B, s) in per.items()} for i, per in fast.items()}
         params = [t for per in fast.values() for lr_ in per.values() for t in (lr_.A, lr_.B)]
-        loss = response_loss(model, h, start, mask, fast, where, labels, checkpoint, ffn_first=True)
+        loss = response_loss(model, h, start, mask, fast, where, labels, checkpoint, attended=True)
         grads = iter(torch.autograd.grad(loss, params))
         with torch.no_grad():
             fast = {i: {n: LowRank(A - lr * clip_per_tensor(next(grads), clip),
@@ -258,46 +261,26 @@ def attention_diagnostics(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask:
     """Where response queries put their attention, averaged over heads, layers and queries:
     sink mass (the first 5 tokens) and context engagement (the other context tokens).
 
-    An explicit softmax layer by layer, for the response rows only ((H, N, S) per layer), run on
-    diagnostic occasions alone so the training step keeps its fused attention kernels."""
-    L = model.config.num_hidden_layers
+    The probabilities come from the model's own attention code (`attention_probabilities`, an
+    explicit softmax for the response rows only), so the training step keeps its fused kernels.
+    Under FSDP the caller gathers the weights first."""
     real = attention_mask.bool()
     queries = loss_mask.bool() & real  # (B, S)
-    S = input_ids.shape[1]
     context = (loss_mask == 0) & real
     sink_keys = torch.zeros_like(context)
     sink_keys[:, :SINK_TOKENS] = True
     sink_keys &= real
     content_keys = context & ~sink_keys
-    if mask is None:
-        mask = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()[None, None]
-    positions = torch.arange(S, device=input_ids.device)[None]
-    cos, sin = model.rope(positions, model.dtype)
     h = model.embed(input_ids)
     sink_total, content_total, n = 0.0, 0.0, 0
-    for i in range(L):
-        layer = model.model.layers[i]
-        att = layer.self_attn
-        x = layer.input_layernorm(h)
-        B = x.shape[0]
-        q = att.q_proj(x).view(B, S, att.n_heads, att.head_dim).transpose(1, 2)
-        k = att.k_proj(x).view(B, S, att.n_kv, att.head_dim).transpose(1, 2)
-        q, k = qwen2.apply_rope(q, cos, sin), qwen2.apply_rope(k, cos, sin)
-        k = k.repeat_interleave(att.n_heads // att.n_kv, dim=1)
-        for b in range(B):
-            rows = queries[b].nonzero().squeeze(1)
-            if rows.numel() == 0:
+    for i in range(model.config.num_hidden_layers):
+        for b, probs in enumerate(model.attention_probabilities(h, i, queries, mask=mask)):  # (H, N_b, S)
+            if probs.shape[1] == 0:
                 continue
-            scores = (q[b][:, rows].float() @ k[b].float().transpose(-1, -2)) / math.sqrt(att.head_dim)
-            allowed = mask[b if mask.shape[0] > 1 else 0, 0][rows]  # (N, S)
-            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (H, N, S)
             sink_total += probs[..., sink_keys[b]].sum(-1).mean().item()
             content_total += probs[..., content_keys[b]].sum(-1).mean().item()
             n += 1
-        # The layer's parts rather than the layer: under FSDP, calling a layer module runs its hooks,
-        # which would reshard the weights gathered for this measurement.
-        h = h + att(x, cos, sin, mask)
-        h = h + layer.mlp(layer.post_attention_layernorm(h), (fast or {}).get(i))
+        h = model.run_layers(h, i, i + 1, mask=mask, fast=fast)
     return {"sink_mass": sink_total / max(n, 1), "context_engagement": content_total / max(n, 1)}
 
 
@@ -439,14 +422,12 @@ def parallelize(objective: Objective, run: Run, compute_dtype: torch.dtype) -> n
     step, per rank, from the activations' dtype: they are never sharded nor reduced."""
     if run.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(run.device.type, (run.world,))
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for layer in objective.model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-            for method in ("attention_block", "ffn_block"):  # the halves the inner loop calls directly
-                register_fsdp_forward_method(layer, method)
+        for block in objective.model.blocks():
+            fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(objective, mesh=mesh, mp_policy=policy)
         return objective
     if run.world > 1:
@@ -835,8 +816,8 @@ def train(args: argparse.Namespace, run: Run) -> None:
     if method["inner_steps"] > 0 and not adapted_layers(model.config.num_hidden_layers, args.layer_fraction):
         fail(f"--layer-fraction {args.layer_fraction} adapts no layer of a {model.config.num_hidden_layers}-layer "
              f"model")
-    pad_id = data.special_token_id(tokenizer, "<|endoftext|>")
-    eos_ids = sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, "<|im_end|>")})
+    pad_id = data.special_token_id(tokenizer, data.ENDOFTEXT)
+    eos_ids = sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, data.IM_END)})
     lengths = [len(s) for s in samples]
     per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, 0))
     steps_per_epoch = math.ceil(per_epoch / args.grad_accum)

@@ -9,9 +9,20 @@
 
 The numerics follow transformers' Qwen2 (RMSNorm in fp32, RoPE angles in fp32 with the half-rotation
 layout, q/k/v biases only), and the parameter names are the checkpoint's, so weights load strictly
-with no name mapping. Beside the plain forward, the model exposes the small entry points a training
-method needs: `embed`, `run_layers` (layers [a, b) with an optional mask and optional low-rank fast
-weights on the FFN projections) and `logits` (final norm + lm_head on selected positions only).
+with no name mapping. What makes it Qwen2 sits in one block ("Architecture facts") below.
+
+The model contract: all a training method (focusft.py) uses, so all a port must provide.
+    h = model.embed(input_ids)                              # (B, S) -> (B, S, D)
+    h = model.run_layers(h, a, b, mask=, fast=, checkpoint=)   # decoder layers [a, b) -> (B, S, D)
+    h = model.run_attention(h, i, mask=)                    # layer i's attention half, residual included
+    h = model.run_ffn(h, i, fast=, checkpoint=)             # layer i's FFN half, residual included
+    logits = model.logits(h, where)                         # final norm + lm_head at where (B, S) -> (N, V)
+    probs = model.attention_probabilities(h, i, queries, mask=)  # layer i's softmax, per row (H, N_b, S)
+    model.blocks()                                          # the decoder layers, the units FSDP shards
+  mask: None (causal) or bool (B|1, 1, S, S), True = may attend. fast: the FFN fast-weight slots,
+  {layer: {"gate_proj" | "up_proj" | "down_proj": LowRank(A, B, scale)}}, each adding scale * B (A x)
+  to its projection; `model.model.layers[i].mlp.<name>.weight` gives their shapes. Loading and
+  export use `from_pretrained`, `save_weights`, `config.num_hidden_layers` and `generation_config`.
 
 This file imports torch, safetensors and huggingface_hub only: no device placement policy,
 distributed or training code, so it can be copied alone into another project.
@@ -22,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +45,20 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 class CheckpointError(Exception):
     """A config or checkpoint this file cannot load faithfully. The message is meant for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture facts: what makes this file Qwen2 rather than another pre-norm, RoPE, GQA, SwiGLU
+# decoder. A port to another family edits this block (and `Attention.project` for a q/k norm);
+# docs/porting.md says exactly what changes for Llama 3 and Qwen3.
+
+MODEL_TYPE = "qwen2"  # config.json's model_type; any other is refused
+ARCHITECTURE = "Qwen2ForCausalLM"  # written to config.json's "architectures"
+QKV_BIAS = True  # biases on q_proj, k_proj and v_proj (never on o_proj or the FFN)
+HIDDEN_ACT = "silu"  # the SwiGLU gate's activation; any other is refused
+ROPE_TYPES = ("yarn",)  # rope_scaling types implemented by `rope_inv_freq` (besides none/"default")
+# Keys written to config.json as constants: this file computes exactly this and nothing else.
+FIXED_CONFIG = {"hidden_act": HIDDEN_ACT, "use_sliding_window": False, "attention_dropout": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,10 +118,10 @@ class Qwen2Config:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind == "default":
                 self.rope_scaling = None
-            elif kind != "yarn":
-                problems.append(f"rope_scaling type {kind!r} is not implemented (supported: yarn)")
+            elif kind not in ROPE_TYPES:
+                problems.append(f"rope_scaling type {kind!r} is not implemented (supported: {', '.join(ROPE_TYPES)})")
             elif "factor" not in self.rope_scaling:
-                problems.append("rope_scaling of type yarn needs a 'factor'")
+                problems.append(f"rope_scaling of type {kind} needs a 'factor'")
         if problems:
             raise CheckpointError("; ".join(problems))
 
@@ -110,10 +135,10 @@ class Qwen2Config:
         """Build from a HF config dict; refuse what this implementation would not compute faithfully."""
         d = dict(d)
         refuse = []
-        if d.get("model_type", "qwen2") != "qwen2":
-            refuse.append(f"model_type is {d['model_type']!r}, only 'qwen2' (Qwen2 / Qwen2.5) is implemented")
-        if d.get("hidden_act", "silu") != "silu":
-            refuse.append(f"hidden_act {d['hidden_act']!r} is not implemented (Qwen2 uses silu)")
+        if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            refuse.append(f"model_type is {d['model_type']!r}, only {MODEL_TYPE!r} is implemented")
+        if d.get("hidden_act", HIDDEN_ACT) != HIDDEN_ACT:
+            refuse.append(f"hidden_act {d['hidden_act']!r} is not implemented ({MODEL_TYPE} uses {HIDDEN_ACT})")
         if d.get("attention_dropout", 0.0):
             refuse.append(f"attention_dropout={d['attention_dropout']} is not implemented")
         layers = d.get("num_hidden_layers", 0)
@@ -133,7 +158,7 @@ class Qwen2Config:
             d["torch_dtype"] = d["dtype"]
         if isinstance(d.get("torch_dtype"), str) and d["torch_dtype"] not in _DTYPES:
             refuse.append(f"torch_dtype {d['torch_dtype']!r} is not a floating dtype this file knows")
-        names = {f.name for f in cls.__dataclass_fields__.values()} - {"extra"}
+        names = {f.name for f in fields(cls)} - {"extra"}
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"]
         missing = [k for k in required if k not in d]
@@ -163,30 +188,11 @@ class Qwen2Config:
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:
-        """The HF `config.json` layout (classic keys, read by transformers 4.x/5.x and vLLM)."""
-        d = {k: v for k, v in self.extra.items()
-             if k not in ("architectures", "model_type", "transformers_version")}
-        d.update({
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "hidden_act": "silu",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "torch_dtype": self.torch_dtype,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "use_sliding_window": False,
-            "attention_dropout": 0.0,
-        })
+        """The HF `config.json` layout (classic keys, read by transformers 4.x/5.x and vLLM): the
+        architecture's constants, then every field of this dataclass (head_dim only when not derived)."""
+        d = {k: v for k, v in self.extra.items() if k not in ("architectures", "model_type", "transformers_version")}
+        d.update({"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, **FIXED_CONFIG})
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "head_dim")})
         d.setdefault("initializer_range", 0.02)
         d.setdefault("use_cache", True)
         if self.head_dim != self.hidden_size // self.num_attention_heads:
@@ -351,21 +357,44 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                   config.head_dim)
         D = config.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=True)
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=QKV_BIAS)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=QKV_BIAS)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=QKV_BIAS)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, cache: KVCache | None = None):
-        B, S, _ = x.shape  # x (B, S, D)
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The one place queries, keys and values are made: x (B, S, D) -> q (B, H, S, hd) and
+        k, v (B, KV, S, hd), RoPE applied to q and k."""
+        B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, cache: KVCache | None = None):
+        B, S, _ = x.shape  # x (B, S, D)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attention(q, k, v, mask)  # (B, H, S, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def probabilities(self, x: Tensor, cos: Tensor, sin: Tensor, mask, queries: Tensor) -> list[Tensor]:
+        """The attention weights `forward` applies, as an explicit fp32 softmax, for the query
+        positions `queries` (B, S) bool only: per row b, (H, N_b, S) over the keys. For measurements;
+        `forward` keeps the fused kernel. mask as in `attention` (None: causal)."""
+        q, k, _ = self.project(x, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1).float()  # (B, H, S, hd)
+        S = x.shape[1]
+        if mask is None:
+            mask = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()[None, None]
+        out = []
+        for b in range(x.shape[0]):
+            rows = queries[b].nonzero().squeeze(1)  # (N_b,)
+            scores = (q[b][:, rows].float() @ k[b].transpose(-1, -2)) / math.sqrt(self.head_dim)  # (H, N_b, S)
+            allowed = mask[b if mask.shape[0] > 1 else 0, 0][rows]  # (N_b, S)
+            out.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
+        return out
 
 
 class MLP(nn.Module):
@@ -398,14 +427,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def attention_block(self, x, cos, sin, mask=None, cache=None) -> Tensor:
-        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-
-    def ffn_block(self, x, fast=None) -> Tensor:
-        return x + self.mlp(self.post_attention_layernorm(x), fast)
-
-    def forward(self, x, cos, sin, mask=None, fast=None, cache=None) -> Tensor:
-        return self.ffn_block(self.attention_block(x, cos, sin, mask, cache), fast)
+    def forward(self, x, cos=None, sin=None, mask=None, fast=None, cache=None, half: str | None = None) -> Tensor:
+        """The pre-norm residual layer on x (B, S, D); `half` "attention" or "ffn" runs that half
+        alone. Every use goes through forward, so a wrapper hooking it (FSDP) sees every call."""
+        if half != "ffn":
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if half != "attention":
+            x = x + self.mlp(self.post_attention_layernorm(x), fast)
+        return x
 
 
 class Qwen2Body(nn.Module):
@@ -447,35 +476,48 @@ class Qwen2ForCausalLM(nn.Module):
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def run_layers(self, h: Tensor, start: int, end: int, *, mask=None, positions: Tensor | None = None,
-                   fast: FastWeights | None = None, checkpoint: bool = False, cache: KVCache | None = None,
-                   ffn_first: bool = False) -> Tensor:
+                   fast: FastWeights | None = None, checkpoint: bool = False, cache: KVCache | None = None) -> Tensor:
         """Decoder layers [start, end) on hidden states h (B, S, D) -> (B, S, D).
 
         mask: None for causal attention, or a bool tensor (B|1, 1, S, S), True = may attend (every
         row must allow at least one key). positions: (B|1, S), default 0..S-1. fast: low-rank fast
-        weights by layer index. checkpoint: recompute each layer in backward (non-reentrant).
-        ffn_first: h is already past layer `start`'s attention half (see `run_attention`)."""
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)[None]
-        cos, sin = self.rope(positions, h.dtype)
+        weights by layer index. checkpoint: recompute each layer in backward (non-reentrant)."""
+        cos, sin = self.rope(self._positions(h, positions), h.dtype)
         for i in range(start, end):
-            layer, f = self.model.layers[i], (fast or {}).get(i)
-            if ffn_first and i == start:  # h is already past this layer's attention half
-                call, args = layer.ffn_block, (h, f)
-            else:
-                call, args = layer, (h, cos, sin, mask, f, cache)
-            if checkpoint and torch.is_grad_enabled():
-                h = activation_checkpoint(call, *args, use_reentrant=False)
-            else:
-                h = call(*args)
+            h = self._call(self.model.layers[i], checkpoint, h, cos, sin, mask, (fast or {}).get(i), cache)
         return h
 
     def run_attention(self, h: Tensor, layer: int, *, mask=None, positions: Tensor | None = None) -> Tensor:
-        """The attention half of one layer, residual included: what that layer's FFN sees."""
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)[None]
-        cos, sin = self.rope(positions, h.dtype)
-        return self.model.layers[layer].attention_block(h, cos, sin, mask)
+        """The attention half of one layer, residual included: what that layer's FFN half sees."""
+        cos, sin = self.rope(self._positions(h, positions), h.dtype)
+        return self.model.layers[layer](h, cos, sin, mask, half="attention")
+
+    def run_ffn(self, h: Tensor, layer: int, *, fast: dict[str, LowRank] | None = None,
+                checkpoint: bool = False) -> Tensor:
+        """The FFN half of one layer, residual included, on the output of its attention half."""
+        return self._call(self.model.layers[layer], checkpoint, h, fast=fast, half="ffn")
+
+    def attention_probabilities(self, h: Tensor, layer: int, queries: Tensor, *, mask=None) -> list[Tensor]:
+        """What layer `layer`'s attention does with its input h (B, S, D): per row b, the softmax
+        weights (H, N_b, S) of the query positions `queries` (B, S) bool (see Attention.probabilities)."""
+        cos, sin = self.rope(self._positions(h, None), h.dtype)
+        block = self.model.layers[layer]
+        return block.self_attn.probabilities(block.input_layernorm(h), cos, sin, mask, queries)
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated units, the decoder layers: what a sharding wrapper (FSDP) wraps one by one.
+        The entry points above call them through `forward` only, so the wrapper's hooks see every use."""
+        return list(self.model.layers)
+
+    @staticmethod
+    def _positions(h: Tensor, positions: Tensor | None) -> Tensor:
+        return torch.arange(h.shape[1], device=h.device)[None] if positions is None else positions
+
+    @staticmethod
+    def _call(layer: nn.Module, checkpoint: bool, *args, **kwargs) -> Tensor:
+        if checkpoint and torch.is_grad_enabled():
+            return activation_checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
 
     def logits(self, h: Tensor, where: Tensor | None = None) -> Tensor:
         """Final norm + lm_head. h (B, S, D) -> (B, S, V); with `where` (B, S) bool, only at the

@@ -84,6 +84,36 @@ def test_padded_batch_matches_transformers(tmp_path, side):
     assert report(f"{side}-padded batch, real positions", ours[real], theirs[real]) == 0.0
 
 
+def test_attention_probabilities_are_the_attention_the_model_applies(tmp_path):
+    """attention_probabilities (what the diagnostics measure) equals transformers' eager attention
+    weights (causal), and under an explicit mask it is exactly what forward applies to the values."""
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = save_hf(tmp_path)
+    model = qwen2.from_pretrained(directory)
+    ref = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    B, S = 2, 20
+    x, every = ids(B, S), torch.ones(B, S, dtype=torch.bool)
+    mask = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask |= torch.eye(S, dtype=torch.bool)  # no empty row
+    with torch.no_grad():
+        theirs = ref(x, output_attentions=True).attentions  # per layer (B, H, S, S)
+        h = model.embed(x)
+        for i in range(model.config.num_hidden_layers):
+            causal = torch.stack(model.attention_probabilities(h, i, every))
+            assert report(f"layer {i} attention probabilities vs transformers", causal, theirs[i]) <= 1e-6
+            probs = model.attention_probabilities(h, i, every, mask=mask)
+            attn = model.model.layers[i].self_attn
+            cos, sin = model.rope(torch.arange(S)[None], h.dtype)
+            _, _, v = attn.project(model.model.layers[i].input_layernorm(h), cos, sin)
+            v = v.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)  # (B, H, S, hd)
+            y = torch.stack([p @ v[b] for b, p in enumerate(probs)]).transpose(1, 2).flatten(2)
+            assert report(f"layer {i} probabilities @ values vs forward", h + attn.o_proj(y),
+                          model.run_attention(h, i, mask=mask)) <= 1e-5
+            assert all((p[:, ~mask[b, 0]] == 0).all() for b, p in enumerate(probs))
+            h = model.run_layers(h, i, i + 1)
+
+
 def test_yarn_rope_scaling_matches_transformers(tmp_path):
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     directory, ref = save_hf(tmp_path, rope_scaling=yarn)
