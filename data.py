@@ -4,8 +4,10 @@ Records are chat conversations in the OpenAI / Hugging Face format, one per JSON
 
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
-They are rendered exactly as Qwen2.5's chat template renders them, tokenized in one piece, and every
-token the model produces in an assistant turn is marked in the loss mask. The whole dataset is
+They are rendered exactly as Qwen2.5's chat template renders them and every assistant turn's body (what
+follows `<|im_start|>assistant\n`, through its `<|im_end|>` and the newline after it) is marked in the
+loss mask; the bodies are tokenized apart from the text around them, as the model generates them after
+the header and as the authors' data pipeline does. The whole dataset is
 validated before training starts. Also here: a small byte-level BPE tokenizer for tests and the
 offline demo, and a seeded generator of long agentic conversations (bAbI facts in tool outputs).
 
@@ -22,7 +24,6 @@ import math
 import random
 import re
 import sys
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,8 @@ def conversation_problems(messages: Any, tools: Any = None, training: bool = Tru
 
 
 def _render(messages: list, tools: Any, add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans [start, end) of the assistant turns' generated part."""
+    """The rendered text and the character spans [start, end) of the assistant turns' bodies: after the
+    "<|im_start|>assistant\n" header, through <|im_end|> and the "\n" after it."""
     problems = conversation_problems(messages, tools, training=False)
     if problems:
         raise ValueError("cannot render conversation: " + "; ".join(problems))
@@ -229,7 +231,8 @@ def _render(messages: list, tools: Any, add_generation_prompt: bool) -> tuple[st
                 emit(IM_END + "\n")
             continue
         # Each turn opens with "<|im_start|>role\n"; in assistant turns the model generates what follows,
-        # up to and including <|im_end|>.
+        # up to and including <|im_end|>. The span trained on also takes the "\n" after <|im_end|>: the
+        # authors' pipeline gives an assistant message's whole rendering after the header loss 1.
         start = emit(IM_START + role + "\n")
         if role == "assistant" and calls:
             pieces = [m["content"]] if m.get("content") else []
@@ -238,12 +241,11 @@ def _render(messages: list, tools: Any, add_generation_prompt: bool) -> tuple[st
                 args = _tojson(_parse_arguments(fn["arguments"]))
                 call_json = '{"name": "' + fn["name"] + '", "arguments": ' + args + "}"
                 pieces.append("<tool_call>\n" + call_json + "\n</tool_call>")
-            end = emit("\n".join(pieces) + IM_END)
+            emit("\n".join(pieces) + IM_END + "\n")
         else:
-            end = emit(m["content"] + IM_END)
+            emit(m["content"] + IM_END + "\n")
         if role == "assistant":
-            spans.append((start, end))
-        emit("\n")
+            spans.append((start, size))
     if add_generation_prompt:
         emit(IM_START + "assistant\n")
     return "".join(parts), spans
@@ -257,16 +259,40 @@ def render_chat(
     return _render(messages, tools, add_generation_prompt)[0]
 
 
-def _mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    # A token is trained on when it starts inside an assistant span. The one token that can straddle a
-    # span start (header "\n" merged with leading newlines of the content) starts in the header: it is
-    # prompt, not output. Spans end with the <|im_end|> token, which never merges with its neighbours.
-    starts = [s for s, _ in offsets]
-    mask = [0] * len(starts)
+def _pieces(text: str, spans: list[tuple[int, int]]) -> list[tuple[str, int]]:
+    """The text cut at the assistant bodies' edges: (piece, 1 for a body else 0), in order."""
+    out, at = [], 0
     for a, b in spans:
-        i, j = bisect_left(starts, a), bisect_left(starts, b)
-        mask[i:j] = [1] * (j - i)
-    return mask
+        if a > at:
+            out.append((text[at:a], 0))
+        out.append((text[a:b], 1))
+        at = b
+    if at < len(text):
+        out.append((text[at:], 0))
+    return out
+
+
+def _encode_rendered(tokenizer: Tokenizer, rendered: list[tuple[str, list[tuple[int, int]]]]
+                     ) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, loss_mask) per rendered conversation, each piece tokenized on its own.
+
+    Every other edge between pieces sits next to a special token (<|im_start|> after the body's "\n"),
+    where the tokenizer splits anyway; only a body's start can differ from encoding the whole text: a
+    body opening with newlines would merge them with the header's "\n" into one token that no
+    generation after "<|im_start|>assistant\n" ever produces."""
+    cut = [_pieces(text, spans) for text, spans in rendered]
+    flat = [piece for pieces in cut for piece, _ in pieces]
+    encoded = iter(tokenizer.encode_batch(flat, add_special_tokens=False) if flat else [])
+    out = []
+    for pieces in cut:
+        ids: list[int] = []
+        mask: list[int] = []
+        for _, trained in pieces:
+            piece_ids = next(encoded).ids
+            ids += piece_ids
+            mask += [trained] * len(piece_ids)
+        out.append((ids, mask))
+    return out
 
 
 def _check_tokenizer(tokenizer: Tokenizer) -> None:
@@ -280,12 +306,11 @@ def _check_tokenizer(tokenizer: Tokenizer) -> None:
 def encode_chat(
     tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, loss_mask) of a conversation: the rendered text encoded in one piece, mask 1 on every
-    assistant turn's generated tokens (content, tool calls, closing <|im_end|>)."""
+    """(input_ids, loss_mask) of a conversation, as the authors' pipeline gives them: mask 1 on every
+    assistant turn's body (content, tool calls, <|im_end|> and the "\n" after it), 0 on the
+    "<|im_start|>assistant\n" header and on every other turn; the bodies tokenized on their own."""
     _check_tokenizer(tokenizer)
-    text, spans = _render(messages, tools, False)
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    return list(enc.ids), _mask_from_offsets(enc.offsets, spans)
+    return _encode_rendered(tokenizer, [_render(messages, tools, False)])[0]
 
 
 def special_token_id(tokenizer: Tokenizer, token: str) -> int:
@@ -511,10 +536,8 @@ def load_samples(
     lengths_before: list[int] = []
     for chunk in range(0, len(good), 256):  # encode_batch tokenizes in parallel; chunks bound memory
         batch = good[chunk : chunk + 256]
-        rendered = [_render(messages, tools, False) for _, messages, tools in batch]
-        encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-        for (source, _, _), (_, spans), enc in zip(batch, rendered, encodings, strict=True):
-            ids, mask = list(enc.ids), _mask_from_offsets(enc.offsets, spans)
+        encoded = _encode_rendered(tokenizer, [_render(messages, tools, False) for _, messages, tools in batch])
+        for (source, _, _), (ids, mask) in zip(batch, encoded, strict=True):
             lengths_before.append(len(ids))
             if len(ids) > max_len:
                 stats.n_truncated += 1

@@ -1,4 +1,5 @@
-"""Fidelity to the authors' release: the same optimizer step (clip included) as their trainer computes it."""
+"""Fidelity to the authors' release: the same input_ids and loss mask as their data pipeline, and the
+same optimizer step (clip included) as their trainer computes."""
 
 import json
 import math
@@ -6,12 +7,121 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import report
+from conftest import report, require_real_tokenizer
+from test_data import CONVERSATIONS, call
 
 import data
 import focusft
 import qwen2
 from qwen2 import LowRank
+
+# ---------------------------------------------------------------------------------------------- the data
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return data.load_tokenizer(require_real_tokenizer("chat_template.jinja"))
+
+
+@pytest.fixture(scope="module")
+def hf():
+    d = require_real_tokenizer("chat_template.jinja")
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    return tok, (d / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def authors_encoding(hf, messages: list[dict], tools=None) -> tuple[list[int], list[int]]:
+    """The authors' rule (their AgenticSFTDataset), restated with the real template (jinja2 through
+    transformers). Messages are taken in segments: a run of consecutive tool messages is one segment,
+    any other message one on its own. A segment's text is the template's rendering of the conversation
+    up to the segment's end, less its rendering up to the segment's start (nothing before the first).
+    An assistant segment after the first message is cut where the generation prompt ends: the prompt
+    (<|im_start|>assistant\n) gets loss 0, the rest 1; an assistant segment that opens the conversation
+    gets 1 throughout; every other segment 0. Each piece is tokenized on its own; the pieces are joined."""
+    tok, template = hf
+
+    def render(prefix, generation_prompt=False) -> str:
+        if not prefix:
+            return ""
+        return tok.apply_chat_template(prefix, tools=tools, chat_template=template, tokenize=False,
+                                       add_generation_prompt=generation_prompt)
+
+    ids, mask, i = [], [], 0
+    while i < len(messages):
+        j = i + 1
+        while messages[i]["role"] == "tool" and j < len(messages) and messages[j]["role"] == "tool":
+            j += 1
+        before, through = render(messages[:i]), render(messages[:j])
+        assistant = messages[i]["role"] == "assistant"
+        if assistant and i > 0:
+            prompted = render(messages[:i], generation_prompt=True)
+            pieces = [(prompted[len(before):], 0), (through[len(prompted):], 1)]
+        else:
+            pieces = [(through[len(before):], int(assistant))]
+        for text, trained in pieces:
+            piece = tok.encode(text, add_special_tokens=False)
+            ids += piece
+            mask += [trained] * len(piece)
+        i = j
+    return ids, mask
+
+
+LEADING_NEWLINES = ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\nHi\n"},
+                     {"role": "user", "content": "\nmore"}, {"role": "assistant", "content": "\nok"}], None)
+THREE_TOOL_RESULTS = ([
+    {"role": "user", "content": "Solve it. Put the answer in \\boxed{}."},
+    {"role": "assistant", "content": "First the parts.", "tool_calls": [
+        call("code_interpreter", {"code": "print(1)"}), call("code_interpreter", {"code": "print(2)"}),
+        call("code_interpreter", {"code": "import math\nprint(math.pi)"})]},
+    {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}, {"role": "tool", "content": "3.14159"},
+    {"role": "assistant", "content": "So \\boxed{6.14}."},
+], [{"type": "function", "function": {"name": "code_interpreter", "description": "A tool for executing code.",
+                                       "parameters": {"type": "object", "properties": {"code": {
+                                           "type": "string", "description": "The code to execute."}},
+                                           "required": ["code"]}}}])
+SAME_AS_AUTHORS = [n for n in CONVERSATIONS if n not in ("tool_first", "ends_with_user")]
+
+
+@pytest.mark.parametrize("name", [*SAME_AS_AUTHORS, "leading_newlines", "three_tool_results"])
+def test_encode_chat_gives_the_authors_ids_and_loss_mask(qwen, hf, name):
+    """Tools or none, tool calls with and without content, several tool results in a row, a system
+    prompt or none (or one later on), consecutive assistant messages, bodies opening with newlines."""
+    messages, tools = {"leading_newlines": LEADING_NEWLINES, "three_tool_results": THREE_TOOL_RESULTS}.get(
+        name, CONVERSATIONS.get(name))
+    ids, mask = data.encode_chat(qwen, messages, tools)
+    theirs = authors_encoding(hf, messages, tools)
+    assert ids == theirs[0]
+    assert mask == theirs[1]
+    assert sum(mask) > 0
+
+
+def test_truncated_tail_is_the_authors_right_cut(qwen, hf, tmp_path):
+    messages, tools = THREE_TOOL_RESULTS
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": tools}) + "\n")
+    full_ids, full_mask = authors_encoding(hf, messages, tools)
+    for max_len in (len(full_ids) - 3, len(full_ids) - 30, len(full_ids) - 60):  # inside the last answer, ...
+        (sample,), stats = data.load_samples(path, qwen, max_len=max_len)
+        assert stats.n_truncated == 1
+        assert (sample.input_ids, sample.loss_mask) == (full_ids[:max_len], full_mask[:max_len])
+
+
+def test_an_assistant_message_first_differs_from_the_authors_only_in_its_mask(qwen, hf):
+    """The authors give the whole first segment loss 1 when the conversation opens with an assistant
+    message: the default system prompt and the <|im_start|>assistant header too (a bug: the model would
+    learn to write the system prompt). Ours trains on the body only; the ids are the same."""
+    messages = [{"role": "assistant", "content": "Hello, how can I help?"}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hi!"}]
+    ids, mask = data.encode_chat(qwen, messages)
+    theirs_ids, theirs_mask = authors_encoding(hf, messages)
+    assert ids == theirs_ids
+    differ = [t for t, (a, b) in enumerate(zip(mask, theirs_mask, strict=True)) if a != b]
+    header_text = data.render_chat(messages[:1]).split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n"
+    header = len(qwen.encode(header_text, add_special_tokens=False).ids)
+    assert differ == list(range(header))  # the default system turn and the header: 0 here, 1 there
+    assert qwen.decode(ids[:header], skip_special_tokens=False).startswith("<|im_start|>system\n" +
+                                                                           data.DEFAULT_SYSTEM)
 
 # ---------------------------------------------------------------------------------------------- the step
 

@@ -261,7 +261,7 @@ def test_loss_mask_hand_checked_ids(qwen):
     start, end, nl = qwen.token_to_id("<|im_start|>"), qwen.token_to_id("<|im_end|>"), qwen.encode("\n").ids
     assistant, hello = qwen.encode("assistant").ids, qwen.encode("Hello").ids
     assert [start, *assistant, *nl, *hello, end, *nl] == ids[-6:]
-    assert mask == [0] * (len(ids) - 3) + [1, 1, 0]  # "Hello", <|im_end|>; never the header or final "\n"
+    assert mask == [0] * (len(ids) - 3) + [1, 1, 1]  # "Hello", <|im_end|>, "\n"; never the header
 
 
 def test_loss_mask_covers_exactly_the_assistant_spans(qwen):
@@ -272,27 +272,27 @@ def test_loss_mask_covers_exactly_the_assistant_spans(qwen):
         '<tool_call>\n{"name": "read_log", "arguments": {"path": "a.log", "part": 1}}\n</tool_call>\n'
         '<tool_call>\n{"name": "read_log", "arguments": {"part": 2, "path": "a.log"}}\n</tool_call>\n'
         '<tool_call>\n{"name": "python", "arguments": '
-        '{"code": "x = {\'k\': [1, 2.5, None, True]}\\nprint(x)"}}\n</tool_call><|im_end|>',
-        "Done.<|im_end|>",
+        '{"code": "x = {\'k\': [1, 2.5, None, True]}\\nprint(x)"}}\n</tool_call><|im_end|>\n',
+        "Done.<|im_end|>\n",
     ]
     messages, tools = CONVERSATIONS["tool_call_with_content"]
     ids, mask = data.encode_chat(qwen, messages, tools)
     decoded = [qwen.decode(r, skip_special_tokens=False) for r in runs(ids, mask)]
     assert decoded == [
         'Let me run it.\n<tool_call>\n{"name": "python", "arguments": {"code": "print(3*7)"}}\n'
-        "</tool_call><|im_end|>",
-        "It is 21.<|im_end|>",
+        "</tool_call><|im_end|>\n",
+        "It is 21.<|im_end|>\n",
     ]
 
 
 @pytest.mark.parametrize("name", [n for n in CONVERSATIONS if n not in ("tool_first", "ends_with_user")])
 def test_loss_mask_runs_are_the_assistant_turns(qwen, name):
     # Each run of 1s is one assistant turn: everything after "<|im_start|>assistant\n" up to and including
-    # its <|im_end|>; the header, the "\n" after <|im_end|> and all other turns are 0.
+    # its <|im_end|> and the "\n" after it; the header and all other turns are 0.
     messages, tools = CONVERSATIONS[name]
     ids, mask = data.encode_chat(qwen, messages, tools)
     text = data.render_chat(messages, tools)
-    turns = re.findall(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, flags=re.S)
+    turns = re.findall(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>\n)", text, flags=re.S)
     assert [qwen.decode(r, skip_special_tokens=False) for r in runs(ids, mask)] == turns
     end, offsets = qwen.token_to_id("<|im_end|>"), qwen.encode(text).offsets
     for t in range(len(ids)):  # every <|im_end|> of an assistant turn is trained on, no other
@@ -301,12 +301,16 @@ def test_loss_mask_runs_are_the_assistant_turns(qwen, name):
             assert mask[t] == turn.startswith("assistant")
 
 
-def test_leading_newlines_merged_into_the_header_are_not_trained(qwen):
-    # "assistant\n" + "\n\nHi" tokenizes "\n\n\n" as one token; it starts in the header, so it is prompt.
+def test_leading_newlines_are_not_merged_into_the_header(qwen):
+    # Encoded whole, "assistant\n" + "\n\nHi" gives "\n\n\n" as one token straddling the header, which no
+    # generation after the header produces. The body is tokenized on its own (as the authors do):
+    # the header's "\n", then "\n\n" as the body's first, trained, token.
     messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\nHi"}]
     ids, mask = data.encode_chat(qwen, messages)
-    assert [qwen.decode(r, skip_special_tokens=False) for r in runs(ids, mask)] == ["Hi<|im_end|>"]
-    assert qwen.id_to_token(ids[-4]) == "ĊĊĊ" and mask[-4] == 0
+    assert [qwen.decode(r, skip_special_tokens=False) for r in runs(ids, mask)] == ["\n\nHi<|im_end|>\n"]
+    assert [qwen.id_to_token(i) for i in ids[-6:-3]] == ["assistant", "Ċ", "ĊĊ"] and mask[-6:-3] == [0, 0, 1]
+    whole = qwen.encode(data.render_chat(messages), add_special_tokens=False).ids
+    assert "ĊĊĊ" in [qwen.id_to_token(i) for i in whole] and whole != ids
 
 
 # ----------------------------------------------------------------------------------------------------
