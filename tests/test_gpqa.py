@@ -138,6 +138,12 @@ def test_server_conversations_give_the_same_transcripts(tok, token_ids):
         assert seeds == [7, 8, 9] and {r["top_p"] for r in server.requests[1:]} == {0.6}
     for a, b in zip(local, remote, strict=True):
         assert a.messages == b.messages and a.response == b.response and a.mask == b.mask and a.stop == b.stop
+    # Each turn's request is the whole conversation so far: the prompt, then every earlier turn and tool result.
+    sent = {tuple(r["prompt"]) for r in server.requests if "prompt" in r}
+    for r in local:
+        starts = [i for i, m in enumerate(r.mask) if m and (i == 0 or not r.mask[i - 1])]
+        assert {tuple(r.prompt + r.response[:i]) for i in starts} <= sent
+    assert len(sent) == sum(r.assistant_turns for r in local)
 
 
 def write_csv(path, rows):
