@@ -11,6 +11,8 @@
     python eval_longbench.py --model DIR --data-dir longbench/data --out runs/longbench/mine
     # re-score a folder of predictions in LongBench's layout (ours or LongBench's pred/<model>/)
     python eval_longbench.py --score-dir runs/longbench/qwen2.5-7b
+    # LongBench-E: <task>_e.jsonl, scored per length bucket (0-4k, 4-8k, 8k+ words)
+    python eval_longbench.py --model DIR --longbench-e --out runs/longbench-e/mine
 
 The protocol is LongBench's (THUDM/LongBench, folder LongBench/: pred.py, eval.py, metrics.py and
 config/*.json): each task's prompt template filled with the sample's `context` and `input`; the
@@ -37,6 +39,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 import huggingface_hub
+import numpy as np
 import tokenizers
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import (
@@ -143,6 +146,11 @@ MAX_NEW_TOKENS: dict[str, int] = {
 TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "qmsum",
          "multi_news", "trec", "triviaqa", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
 PAPER_TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa")  # FocuSFT's LongBench QA at 8K
+# LongBench-E (pred.py --e): the same tasks resampled evenly over lengths, in data/<task>_e.jsonl, scored per
+# length bucket (eval.py's scorer_e: the record's `length` in words, < 4000, < 8000, the rest).
+E_TASKS = ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
+           "passage_count", "passage_retrieval_en", "lcc", "repobench-p")  # pred.py's list, less samsum
+E_BUCKETS = ("0-4k", "4-8k", "8k+")
 # The rest of LongBench v1, and why it is not here: the Chinese tasks' metrics segment words with jieba;
 # samsum's generation stops at a newline after at least one token (pred.py), which the engines do not do.
 NOT_IMPLEMENTED = {
@@ -301,6 +309,21 @@ def sample_score(task: str, prediction: str, answers: list[str], all_classes: li
     scorer = {"qa_f1_score": qa_f1_score, "rouge_score": rouge_score, "count_score": count_score,
               "retrieval_score": retrieval_score, "code_sim_score": code_sim_score}[metric]
     return max([scorer(prediction, a) for a in answers], default=0.0)
+
+
+def length_bucket(length: int) -> str:
+    return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+
+
+def task_score_e(task: str, rows: list[dict]) -> dict[str, float | None]:
+    """eval.py's LongBench-E score: per length bucket, the mean x 100 (numpy's mean, as eval.py), rounded to
+    two decimals; None for a bucket with no sample (eval.py writes NaN there)."""
+    by_bucket: dict[str, list[float]] = {b: [] for b in E_BUCKETS}
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r.get("length"), int | float):
+            raise EvalError(f"{task}: prediction {n} has no numeric length (LongBench-E buckets by it)")
+        by_bucket[length_bucket(r["length"])].append(sample_score(task, r["pred"], r["answers"], r.get("all_classes")))
+    return {b: round(100 * float(np.mean(v)), 2) if v else None for b, v in by_bucket.items()}
 
 
 def task_score(task: str, rows: list[dict]) -> float:
@@ -528,22 +551,37 @@ def read_prediction_rows(path: Path) -> list[dict]:
     return rows
 
 
-def average(scores: dict[str, float]) -> float:
-    """The mean of the tasks' (rounded) scores, rounded to two decimals, as LongBench's tables average."""
-    return round(sum(scores.values()) / len(scores), 2)
+def average(values: list[float | None]) -> float | None:
+    """The mean of the tasks' (rounded) scores, rounded to two decimals, as LongBench's tables average;
+    None when a task has no score (a LongBench-E bucket without samples)."""
+    return None if not values or None in values else round(sum(values) / len(values), 2)
 
 
-def results_table(scores: dict[str, float], counts: dict[str, int]) -> str:
-    """Markdown: one row per task (metric, samples, score x 100), then the average over the tasks."""
-    lines = ["| task | metric | samples | score |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {t} | {METRICS[t]} | {counts[t]} | {s:.2f} |" for t, s in scores.items()]
-    lines.append(f"| average | | | {average(scores):.2f} |")
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def results_table(scores: dict[str, float | dict], counts: dict[str, int]) -> str:
+    """Markdown: one row per task (metric, samples, score x 100; LongBench-E: one column per length bucket),
+    then the average over the tasks."""
+    columns = list(E_BUCKETS) if any(isinstance(s, dict) for s in scores.values()) else ["score"]
+
+    def values(score):
+        return [score[c] for c in columns] if isinstance(score, dict) else [score]
+
+    lines = ["| task | metric | samples | " + " | ".join(columns) + " |",
+             "| --- | --- | ---: |" + " ---: |" * len(columns)]
+    lines += [f"| {t} | {METRICS[t]} | {counts[t]} | " + " | ".join(map(_cell, values(s))) + " |"
+              for t, s in scores.items()]
+    means = [average([values(s)[i] for s in scores.values()]) for i in range(len(columns))]
+    lines.append("| average | | | " + " | ".join(map(_cell, means)) + " |")
     return "\n".join(lines)
 
 
-def score_dir(folder: str | Path) -> dict[str, float]:
+def score_dir(folder: str | Path, longbench_e: bool = False) -> dict[str, float | dict]:
     """eval.py on a folder: score every <task>.jsonl of a task this script knows, write result.json
-    (LongBench's format: {task: score}) there, print the table; return the scores."""
+    (LongBench's format: {task: score}, or {task: {bucket: score}} for LongBench-E) there, print the table;
+    return the scores."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"--score-dir {folder}: no such folder")
@@ -555,7 +593,7 @@ def score_dir(folder: str | Path) -> dict[str, float]:
     scores, counts = {}, {}
     for task in tasks:
         rows = read_prediction_rows(files[task])
-        scores[task], counts[task] = task_score(task, rows), len(rows)
+        scores[task], counts[task] = (task_score_e if longbench_e else task_score)(task, rows), len(rows)
     evaluation.write_json(folder / "result.json", scores, indent=4)
     if skipped:
         print(f"not scored (no metric here): {', '.join(skipped)}")
@@ -580,7 +618,13 @@ def task_record(args: argparse.Namespace, task: str, setup: evaluation.Setup, so
     return {"prompt": {"template": PROMPTS[task], "max_length": args.max_length,
                        "chat_template": bool(args.chat_template and task not in NO_CHAT_TASKS)},
             "generate_kwargs": setup.generate_kwargs(),
-            "data": {**source.describe(), "max_samples": args.max_samples}, "model": str(args.model)}
+            "data": {**source.describe(), "file": f"{data_file(args, task)}.jsonl", "max_samples": args.max_samples},
+            "model": str(args.model)}
+
+
+def data_file(args: argparse.Namespace, task: str) -> str:
+    """The task's file name in LongBench's data, without .jsonl: <task>, or <task>_e for LongBench-E."""
+    return f"{task}_e" if args.longbench_e else task
 
 
 RESUME_KEYS = ("prompt", "generate_kwargs", "data", "model")  # another model in the same --out reruns
@@ -597,7 +641,7 @@ class Job:
 
 def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source: DataSource, record: dict) -> Job:
     """A task's samples and token-id prompts, checked against the model's context (before any generation)."""
-    samples = source.samples(task)[:args.max_samples]  # [:None] is all
+    samples = source.samples(data_file(args, task))[:args.max_samples]  # [:None] is all
     if not samples:
         raise EvalError(f"{source.where}: {task} has no samples")
     texts = [model_input(task, s, setup.tokenizer, args.max_length, record["prompt"]["chat_template"])
@@ -608,12 +652,13 @@ def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source
     return Job(task, setup, samples, prompts, record)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, float]:
+def evaluate(args: argparse.Namespace) -> dict[str, float | dict]:
     """Generate and score every requested task not already finished in --out; write the predictions,
     result.json (LongBench's format) and results.md; print the table; return the scores."""
     base = evaluation.load_setup(args.model, max_new_tokens=max(MAX_NEW_TOKENS[t] for t in args.tasks))
     source = make_source(args)
     out = Path(args.out)
+    score_fn = task_score_e if args.longbench_e else task_score
     scores, counts, jobs = {}, {}, []
     for task in args.tasks:
         setup = dataclasses.replace(base, max_new_tokens=MAX_NEW_TOKENS[task])
@@ -621,12 +666,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         preds, meta = out / f"{task}.jsonl", out / f"{task}.json"
         if evaluation.is_finished(preds, meta, record, RESUME_KEYS):
             rows = read_prediction_rows(preds)
-            scores[task], counts[task] = task_score(task, rows), len(rows)
+            scores[task], counts[task] = score_fn(task, rows), len(rows)
             print(f"{task}: done before, skipped ({preds})")
         else:
             jobs.append((task, setup, record))
     if jobs:
-        source.check([task for task, _, _ in jobs])
+        source.check([data_file(args, task) for task, _, _ in jobs])
         # Every prompt is built and checked before the first generation: a bad file or a prompt over the
         # model's context stops the run at the start, not after hours.
         jobs = [prepare(args, task, setup, source, record) for task, setup, record in jobs]
@@ -637,18 +682,20 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         with tqdm(total=len(job.prompts), desc=job.task, unit="sample", leave=False) as bar:
             new = engine.generate(job.prompts, job.setup.max_new_tokens, progress=bar)
         rows = prediction_rows(job.samples, [decode_prediction(base.tokenizer, ids, base.eos) for ids in new])
-        score = task_score(job.task, rows)
+        score = score_fn(job.task, rows)
         evaluation.write_jsonl(out / f"{job.task}.jsonl", rows)
         lengths = [len(p) for p in job.prompts]
         evaluation.write_json(out / f"{job.task}.json", {
             **engine.describe(), **job.record, "samples": len(rows), "score": score, "metric": METRICS[job.task],
             "prompt_tokens": {"max": max(lengths), "mean": round(sum(lengths) / len(lengths), 1)}})
         scores[job.task], counts[job.task] = score, len(rows)
-        print(f"{job.task}: {METRICS[job.task]} {score:.2f} ({len(rows)} samples) -> {out / job.task}.jsonl")
+        shown = ", ".join(f"{b} {_cell(v)}" for b, v in score.items()) if isinstance(score, dict) else f"{score:.2f}"
+        print(f"{job.task}: {METRICS[job.task]} {shown} ({len(rows)} samples) -> {out / job.task}.jsonl")
 
     scores = {t: scores[t] for t in args.tasks}
     table = results_table(scores, {t: counts[t] for t in args.tasks})
-    header = (f"LongBench scores of {args.model} (x 100; the average is over the tasks)\n\n"
+    header = (f"{'LongBench-E' if args.longbench_e else 'LongBench'} scores of {args.model} (x 100; the average "
+              f"is over the tasks)\n\n"
               f"prompt budget {args.max_length} tokens, middle truncation; chat template "
               f"{'on (QA tasks)' if args.chat_template else 'off'}; greedy; data {json.dumps(source.describe())}")
     (out / "results.md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
@@ -666,9 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_common_args(p, out_help="predictions folder (LongBench's pred/<model>/ layout): <task>.jsonl "
                                "and <task>.json per task, result.json, results.md; finished tasks are skipped "
                                "on a rerun")
-    p.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), metavar="TASK",
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help=f"LongBench tasks (default: the paper's {' '.join(PAPER_TASKS)}; also: "
-                        f"{' '.join(t for t in TASKS if t not in PAPER_TASKS)})")
+                        f"{' '.join(t for t in TASKS if t not in PAPER_TASKS)}; with --longbench-e the default is "
+                        f"{' '.join(t for t in PAPER_TASKS if t in E_TASKS)})")
+    p.add_argument("--longbench-e", action="store_true",
+                   help="LongBench-E: the data's <task>_e.jsonl files, scored per length bucket (0-4k, 4-8k, 8k+ "
+                        "words); also for --score-dir")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, metavar="N",
                    help=f"prompt budget in tokens before chat wrapping; longer prompts keep their first and last "
                         f"N/2 tokens (default: {DEFAULT_MAX_LENGTH}, LongBench's for 8K models; 31500 for 32K)")
@@ -693,12 +744,16 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     """Check the flags before anything is loaded; raises EvalError naming the flag."""
     evaluation.check_common_args(args)
+    if args.tasks is None:
+        args.tasks = [t for t in PAPER_TASKS if t in E_TASKS] if args.longbench_e else list(PAPER_TASKS)
     for task in args.tasks:
         if task in NOT_IMPLEMENTED:
             raise EvalError(f"--tasks: LongBench's {task} is not implemented here ({NOT_IMPLEMENTED[task]}); "
                             f"this script runs: {' '.join(TASKS)}")
         if task not in TASKS:
             raise EvalError(f"--tasks: unknown task {task!r} (LongBench tasks here: {' '.join(TASKS)})")
+        if args.longbench_e and task not in E_TASKS:
+            raise EvalError(f"--tasks: {task} is not in LongBench-E (its tasks here: {' '.join(E_TASKS)})")
     args.tasks = list(dict.fromkeys(args.tasks))
     evaluation.check_positive(args, "max_samples")
     if args.max_length < 2:
@@ -707,7 +762,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.score_dir:
-        score_dir(args.score_dir)
+        score_dir(args.score_dir, args.longbench_e)
     else:
         validate(args)
         evaluate(args)

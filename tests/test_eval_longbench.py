@@ -94,6 +94,14 @@ def test_code_sim_score():
     assert lb.code_sim_score("# all comments", "return x") == 0.0
 
 
+def test_longbench_e_buckets_by_length():
+    rows = [{"pred": "x", "answers": ["x"], "length": n} for n in (10, 3999)]
+    rows += [{"pred": "x", "answers": ["y"], "length": 4000}, {"pred": "x", "answers": ["x"], "length": 7999}]
+    assert lb.task_score_e("hotpotqa", rows) == {"0-4k": 100.0, "4-8k": 50.0, "8k+": None}
+    with pytest.raises(lb.EvalError, match="prediction 1 has no numeric length"):
+        lb.task_score_e("hotpotqa", [{"pred": "x", "answers": ["x"], "length": None}])
+
+
 def test_classification_keeps_longbenchs_skip():
     # LongBench removes from the list it loops over, so "ab" (after the removed "a") is never examined
     # and stays: 1/2, where a clean filter would give 1.0. The benchmark's number is the reference.
@@ -254,8 +262,12 @@ def longbench_dir(root, tasks=("hotpotqa", "triviaqa"), n=2, n_items=150):
 
 
 def test_default_tasks_are_the_papers():
-    assert lb.build_parser().parse_args([]).tasks == ["narrativeqa", "qasper", "multifieldqa_en", "hotpotqa"]
-    assert lb.build_parser().parse_args([]).max_length == 7500
+    args = lb.build_parser().parse_args(["--model", "m", "--out", "o"])
+    lb.validate(args)
+    assert args.tasks == ["narrativeqa", "qasper", "multifieldqa_en", "hotpotqa"] and args.max_length == 7500
+    args = lb.build_parser().parse_args(["--model", "m", "--out", "o", "--longbench-e"])
+    lb.validate(args)
+    assert args.tasks == ["qasper", "multifieldqa_en", "hotpotqa"]  # NarrativeQA is not in LongBench-E
 
 
 def test_end_to_end_with_resume(tiny, tmp_path, capsys, monkeypatch):
@@ -352,9 +364,28 @@ def test_prompt_over_the_context_stops_before_generating(tiny, tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def test_longbench_e_end_to_end(tiny, tmp_path, capsys):
+    records = [record(0), record(1)]
+    records[1]["length"] = 6000
+    write_task(tmp_path / "data", "hotpotqa_e", records)
+    out = tmp_path / "out"
+    assert lb.main(["--model", str(tiny.model), "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                    "--longbench-e", "--tasks", "hotpotqa"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert list(result) == ["hotpotqa"] and list(result["hotpotqa"]) == ["0-4k", "4-8k", "8k+"]
+    assert result["hotpotqa"]["8k+"] is None
+    assert json.loads((out / "hotpotqa.json").read_text())["data"]["file"] == "hotpotqa_e.jsonl"
+    assert "| task | metric | samples | 0-4k | 4-8k | 8k+ |" in capsys.readouterr().out
+    assert lb.score_dir(out, longbench_e=True) == result
+    with pytest.raises(SystemExit, match="--data-dir .*: no hotpotqa.jsonl"):  # plain LongBench: other files
+        lb.main(["--model", str(tiny.model), "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                 "--tasks", "hotpotqa"])
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--tasks", "samsum"], "--tasks: LongBench's samsum is not implemented here (rouge_score with pred.py's"),
     (["--tasks", "hotpot"], "--tasks: unknown task 'hotpot'"),
+    (["--tasks", "narrativeqa", "--longbench-e"], "--tasks: narrativeqa is not in LongBench-E"),
     (["--max-length", "1"], "--max-length must be at least 2"),
     (["--max-samples", "0"], "--max-samples must be at least 1"),
     (["--data-dir", "/nonexistent/longbench"], "--data-dir /nonexistent/longbench: no such folder"),
