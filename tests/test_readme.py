@@ -37,7 +37,8 @@ def test_docs_are_linked_and_stay_inside_the_repository():
 
 
 SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "eval_gpqa.py": [[]],
-           "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["synth"], ["check"]]}
+           "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["synth"], ["check"]],
+           "scripts/gpu_check.py": [[]]}
 
 
 def test_every_flag_in_the_readme_exists():
@@ -53,10 +54,14 @@ def test_every_flag_in_the_readme_exists():
     checked = {}
     for name, text in {"README.md": README, **DOCS}.items():
         checked[name] = 0
-        # a page of docs/ is about the script its title names: a flag on a line naming no script is that script's
-        title = [s for s in SCRIPTS if s in text.splitlines()[0]] if name != "README.md" else []
+        # a section of docs/ is about the script its heading names: a flag on a line naming no script is that
+        # script's (until a heading names another)
+        title = []
         for line in text.splitlines():
-            scripts = [s for s in SCRIPTS if s in line] or title
+            named = [s for s in SCRIPTS if s in line]
+            if line.startswith("#") and named and name != "README.md":
+                title = named
+            scripts = named or title
             if len(scripts) != 1:
                 continue
             for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", line):
