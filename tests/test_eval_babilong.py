@@ -424,43 +424,8 @@ def test_results_table():
         "| mean | 80.0 | - |")
 
 
-def test_is_finished_compares_the_settings(tmp_path):
-    record = {"prompt": {"instruction": "a"}, "generate_kwargs": {"max_new_tokens": 20}, "data": {"seed": 0}}
-    csv_path, json_path = tmp_path / "p.csv", tmp_path / "p.json"
-    assert not ev.is_finished(csv_path, json_path, record)
-    json_path.write_text(json.dumps({**record, "accuracy": 0.5}))
-    assert not ev.is_finished(csv_path, json_path, record)  # no CSV
-    ev.write_predictions(csv_path, [])
-    assert ev.is_finished(csv_path, json_path, record)
-    assert not ev.is_finished(csv_path, json_path, {**record, "data": {"seed": 1}})
-    json_path.write_text("{broken")
-    assert not ev.is_finished(csv_path, json_path, record)
-
-
 # ----------------------------------------------------------------------------------------------
 # Model side
-
-
-def test_eos_ids(tiny_model):
-    tokenizer = evaluation.load_tokenizer(tiny_model, "--model")
-    eos = evaluation.eos_token_ids(tiny_model, tokenizer)
-    assert tokenizer.token_to_id("<|im_end|>") in eos and tokenizer.token_to_id("<|endoftext|>") in eos
-    assert evaluation.decode(tokenizer, tokenizer.encode("the kitchen").ids + [eos[0]] + [5, 6], eos) == "the kitchen"
-
-
-def test_context_limit_follows_yarn_scaling():
-    def config(**kw):
-        shape = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                     max_position_embeddings=32768)
-        return qwen2.Qwen2Config.from_dict({**shape, **kw})
-
-    assert evaluation.context_limit(config()) == (32768, "max_position_embeddings")
-    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    assert evaluation.context_limit(config(rope_scaling=yarn))[0] == 131072
-    # transformers 5 spelling
-    yarn5 = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
-    assert evaluation.context_limit(config(rope_parameters=yarn5))[0] == 131072
-    assert evaluation.context_limit(config(rope_scaling=None))[0] == 32768
 
 
 def test_batched_equals_one_at_a_time(tiny_model):

@@ -1,7 +1,8 @@
-"""evaluation.py: the engines (built-in model and an OpenAI-compatible server started here), the common
-flags, and the module docstring's example benchmark run as written."""
+"""evaluation.py: the engines (built-in model and an OpenAI-compatible server started here), EOS ids and
+decoding, context limits, result files and resume, the common flags, and the docstring's example run as written."""
 
 import argparse
+import json
 import sys
 import textwrap
 import time
@@ -10,6 +11,7 @@ import fake_server
 import pytest
 
 import evaluation
+import qwen2
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,62 @@ def test_server_engine_errors_are_one_line(setup):
     assert "\n" not in str(e.value)
     with pytest.raises(evaluation.EvalError, match="cannot reach"):
         evaluation.ServerEngine(server.url, setup, model_name="a").generate([[5]], 1)  # server gone
+
+
+def test_eos_ids_and_decode(tiny, setup):
+    eos = evaluation.eos_token_ids(tiny.model, tiny.tokenizer)
+    assert tiny.tokenizer.token_to_id("<|im_end|>") in eos and tiny.tokenizer.token_to_id("<|endoftext|>") in eos
+    assert setup.eos == eos
+    ids = tiny.tokenizer.encode("the kitchen", add_special_tokens=False).ids
+    assert evaluation.decode(tiny.tokenizer, [*ids, eos[0], 5, 6], eos) == "the kitchen"  # cut at the EOS
+
+
+def test_context_limit_follows_yarn_scaling():
+    def config(**kw):
+        shape = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     max_position_embeddings=32768)
+        return qwen2.Qwen2Config.from_dict({**shape, **kw})
+
+    assert evaluation.context_limit(config()) == (32768, "max_position_embeddings")
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert evaluation.context_limit(config(rope_scaling=yarn))[0] == 131072
+    # transformers 5 spelling
+    yarn5 = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
+    assert evaluation.context_limit(config(rope_parameters=yarn5))[0] == 131072
+    assert evaluation.context_limit(config(rope_scaling=None))[0] == 32768
+
+
+def test_is_finished_compares_the_settings(tmp_path):
+    record = {"prompt": {"instruction": "a"}, "generate_kwargs": {"max_new_tokens": 20}, "data": {"seed": 0}}
+    result, meta = tmp_path / "p.csv", tmp_path / "p.json"
+    assert not evaluation.is_finished(result, meta, record)
+    meta.write_text(json.dumps({**record, "accuracy": 0.5}))
+    assert not evaluation.is_finished(result, meta, record)  # no result file
+    evaluation.write_csv(result, ["a"], [])
+    assert evaluation.is_finished(result, meta, record)
+    assert not evaluation.is_finished(result, meta, {**record, "data": {"seed": 1}})
+    assert evaluation.is_finished(result, meta, {**record, "data": {"seed": 1}}, keys=("prompt",))
+    meta.write_text("{broken")
+    assert not evaluation.is_finished(result, meta, record)
+
+
+def test_result_files_are_written_whole(tmp_path):
+    rows = [{"q": "a\nb", "n": 1}, {"q": "ü", "n": 2}]
+    evaluation.write_jsonl(tmp_path / "r.jsonl", rows)
+    assert evaluation.read_jsonl(tmp_path / "r.jsonl") == rows
+    evaluation.write_csv(tmp_path / "r.csv", ["q", "n"], [[r["q"], r["n"]] for r in rows])
+    assert evaluation.read_csv(tmp_path / "r.csv", ("q",)) == [{"q": "a\nb"}, {"q": "ü"}]
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "bad.jsonl").write_text('{"q": 1}\n{broken\n')
+    with pytest.raises(evaluation.EvalError, match=r"bad.jsonl:2: not valid JSON"):
+        evaluation.read_jsonl(tmp_path / "bad.jsonl")
+    with pytest.raises(evaluation.EvalError, match=r"no column\(s\) x"):
+        evaluation.read_csv(tmp_path / "r.csv", ("q", "x"))
+
+
+def test_markdown_table():
+    assert evaluation.markdown_table(["", "a"], [["x", evaluation.percent(0.5)], ["y", evaluation.percent(None)]]) \
+        == "| | a |\n| --- | ---: |\n| x | 50.0 |\n| y | - |"
 
 
 def test_common_flags():
