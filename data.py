@@ -391,6 +391,36 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+def _json_field(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is a string that is not JSON ({e.msg} at char {e.pos})") from None
+
+
+def _decode_json_fields(record: dict) -> dict:
+    """Parquet datasets store nested data either as structs and lists (read as dicts and lists) or as
+    JSON strings: a whole column, each element of a list column (one message or one tool schema per
+    string), or a message's tool_calls. Any mix of these reads as the same record. (Tool-call
+    arguments and a whole `tools` string are parsed where they are used, for JSONL too.)"""
+    record = dict(record)
+    for column in ("messages", "tools"):
+        if column not in record:
+            continue
+        value = _json_field(record[column], f"'{column}'")
+        if isinstance(value, list):
+            value = [_json_field(v, f"{column}[{i}]") for i, v in enumerate(value)]
+        record[column] = value
+    if isinstance(record.get("messages"), list):
+        record["messages"] = [
+            {**m, "tool_calls": _json_field(m["tool_calls"], f"messages[{i}].tool_calls")}
+            if isinstance(m, dict) and "tool_calls" in m else m
+            for i, m in enumerate(record["messages"])]
+    return record
+
+
 class _Bad(str):
     """A record that could not even be parsed; the string is the reason."""
 
@@ -427,7 +457,10 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         batches = pf.iter_batches(batch_size=256, columns=[c for c in ("messages", "tools") if c in names])
         records = (record for batch in batches for record in batch.to_pylist())
         for row, record in enumerate(records, 1):
-            yield row, _drop_none(record)
+            try:
+                yield row, _drop_none(_decode_json_fields(record))
+            except ValueError as e:
+                yield row, _Bad(str(e))
     except _FileProblem:
         raise
     except Exception as e:  # pyarrow raises several types for a corrupt file

@@ -218,3 +218,70 @@ def test_inner_clip_factor_is_fp32():
     assert ours.float().norm().item() == pytest.approx(1.0, rel=1e-2)
     small = g / 1000  # norm below c: unchanged
     assert torch.equal(focusft.clip_per_tensor(small, 1.0), small)
+
+
+# ---------------------------------------------------------------------------------------------- parquet
+
+
+def read_parquet_the_authors_way(path) -> list[tuple[list, list | None]]:
+    """Their reading, restated: pandas.read_parquet, then numpy arrays turned into lists all the way
+    down (keys that are null in a row stay, as None)."""
+    pd = pytest.importorskip("pandas")
+    import numpy as np
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, np.ndarray)):
+            return [plain(v) for v in list(x)]
+        return x
+
+    frame = pd.read_parquet(path)
+    tools = frame["tools"].map(plain).tolist() if "tools" in frame else [None] * len(frame)
+    return list(zip(frame["messages"].map(plain).tolist(), tools, strict=True))
+
+
+def test_the_3k_shaped_parquet_gives_the_authors_samples(qwen, hf, tmp_path):
+    """Struct columns (tool-call arguments as objects): read our way and the authors' way (pandas, the
+    real template prefix by prefix), every sample is the same."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from test_agentrl_parquet import FILE, records
+
+    path = tmp_path / FILE
+    pq.write_table(pa.Table.from_pylist(records(40, seed=3)), path)
+    ours, _ = data.load_samples(path, qwen, max_len=4096)
+    theirs = [authors_encoding(hf, m, t) for m, t in read_parquet_the_authors_way(path)]
+    assert len(ours) == len(theirs) == 40
+    for s, (ids, mask) in zip(ours, theirs, strict=True):
+        assert (s.input_ids, s.loss_mask) == (ids, mask), s.source
+
+
+def test_where_the_authors_parquet_reading_differs(qwen, hf, tmp_path):
+    """Documented differences: (1) string tool-call arguments are rendered double-encoded by their
+    template, parsed by ours; (2) in struct columns with one schema for all rows, pandas keeps a null
+    for every key a row lacks and turns integers of a column with nulls into floats, so their
+    tools block shows "description": null and 2.0 where the record had no description and 2."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    arguments = [{"role": "user", "content": "x"},
+                 {"role": "assistant", "tool_calls": [call("code_interpreter", '{"code": "print(1)"}')]},
+                 {"role": "tool", "content": "1"}, {"role": "assistant", "content": "1"}]
+    tool_a = {"type": "function", "function": {"name": "a", "description": "A.", "parameters": {
+        "type": "object", "properties": {"code": {"type": "string"}}}}}
+    tool_b = {"type": "function", "function": {"name": "b", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "default": 2}}}}}
+    plain = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": arguments, "tools": [tool_a]},
+                                         {"messages": plain, "tools": [tool_b]}]), path)
+    ours, _ = data.load_samples(path, qwen, max_len=4096)
+    (m1, t1), (m2, t2) = read_parquet_the_authors_way(path)
+    their_text = hf[0].decode(authors_encoding(hf, m1, t1)[0])
+    assert '"arguments": "{\\"code\\": \\"print(1)\\"}"' in their_text  # double-encoded
+    assert '"arguments": {"code": "print(1)"}' in qwen.decode(ours[0].input_ids, skip_special_tokens=False)
+    their_tools = hf[0].decode(authors_encoding(hf, m2, t2)[0])
+    assert '"description": null' in their_tools and '"default": 2.0' in their_tools and '"code": null' in their_tools
+    our_tools = qwen.decode(ours[1].input_ids, skip_special_tokens=False)
+    assert json.dumps(tool_b) in our_tools
