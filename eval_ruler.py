@@ -39,6 +39,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import tokenizers
+from tqdm import tqdm
 
 import data
 import evaluation
@@ -644,8 +645,16 @@ def check_lengths(args: argparse.Namespace, setup: evaluation.Setup) -> None:
                         f"leave them out, or pass --overflow run to generate past the trained positions anyway")
 
 
-def evaluate_one(args, setup, engine, task: str, length: str) -> tuple[float, list[dict]]:
-    """The score and the prediction rows (RULER's pred jsonl fields) of one task at one length."""
+def partial_paths(pred_path: Path) -> tuple[Path, Path]:
+    """The rows finished so far of an unfinished (task, length), and the settings they were made with."""
+    return pred_path.with_suffix(".partial.jsonl"), pred_path.with_suffix(".partial.json")
+
+
+def evaluate_one(args, setup, engine, task: str, length: str, record: dict, pred_path: Path) -> list[dict]:
+    """The prediction rows (RULER's pred jsonl fields) of one task at one length, in sample order.
+
+    Samples are generated (or read) whole, then prompts are encoded and generated a chunk at a time;
+    after each chunk the rows so far are saved, so a killed run resumes inside a (task, length)."""
     max_seq_length = length_tokens(length)
     gen = TOKENS_TO_GENERATE[TASKS[task][0]]
     if args.data_dir:
@@ -655,16 +664,35 @@ def evaluate_one(args, setup, engine, task: str, length: str) -> tuple[float, li
                                    args.chat_template, args.essays)
     texts = [s["input"] + s.get("answer_prefix", "") for s in samples]
     chat = any(data.IM_START in t for t in texts)  # a rendered chat prompt holds its own special tokens
-    prompts = setup.encode(texts, add_special_tokens=not chat)
-    del texts
     task_setup = dataclasses.replace(setup, max_new_tokens=gen)
-    evaluation.check_overflow(f"{task} {length}", prompts, task_setup, args.overflow, f"leave out --lengths {length}")
-    outputs = evaluation.generate_texts(engine, task_setup, prompts, desc=f"{task} {length}")
-    preds = [postprocess(o) for o in outputs]
-    rows = [{"index": s.get("index", i), "pred": p, "input": "", "outputs": s["outputs"], "others": {},
-             "truncation": -1, "length": s.get("length", len(ids) + gen)}
-            for i, (s, p, ids) in enumerate(zip(samples, preds, prompts, strict=True))]
-    return metric(task)([r["pred"] for r in rows], [r["outputs"] for r in rows]), rows
+    # Every prompt must fit before anything is generated. Files may hold anything, so they are counted;
+    # generated samples know their length. (check_overflow reads only len() of each prompt.)
+    sizes = count_tokens(setup.tokenizer, texts) if args.data_dir else [s["length"] - gen for s in samples]
+    evaluation.check_overflow(f"{task} {length}", [range(n) for n in sizes], task_setup, args.overflow,
+                              f"leave out --lengths {length}")
+
+    rows_path, rows_meta = partial_paths(pred_path)
+    done: dict[int, dict] = {}
+    if evaluation.is_finished(rows_path, rows_meta, record):
+        done = {r["i"]: r["row"] for r in evaluation.read_jsonl(rows_path)}
+        print(f"{task} {length}: resuming after {len(done)} of {len(samples)} samples")
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    evaluation.write_json(rows_meta, record)
+    todo = [i for i in range(len(samples)) if i not in done]
+    chunk = 4 * args.batch_size
+    with tqdm(total=len(samples), initial=len(done), desc=f"{task} {length}", unit="sample",
+                         leave=False) as bar:
+        for start in range(0, len(todo), chunk):
+            idx = todo[start:start + chunk]
+            prompts = setup.encode([texts[i] for i in idx], add_special_tokens=not chat)
+            new = engine.generate(prompts, gen, progress=bar)
+            for i, prompt, ids in zip(idx, prompts, new, strict=True):
+                s = samples[i]
+                done[i] = {"index": s.get("index", i), "pred": postprocess(setup.decode(ids)), "input": "",
+                           "outputs": s["outputs"], "others": {}, "truncation": -1,
+                           "length": s.get("length", len(prompt) + gen)}
+            evaluation.write_jsonl(rows_path, [{"i": i, "row": row} for i, row in sorted(done.items())])
+    return [done[i] for i in range(len(samples))]
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -686,11 +714,13 @@ def evaluate(args: argparse.Namespace) -> dict:
                 scores[task, length] = json.loads(meta_path.read_text())["score"]
                 print(f"{task} {length}: {scores[task, length]:.2f} (done before) <- {pred_path}")
                 continue
-            score, rows = evaluate_one(args, setup, engine, task, length)
-            pred_path.parent.mkdir(parents=True, exist_ok=True)
+            rows = evaluate_one(args, setup, engine, task, length, record, pred_path)
+            score = metric(task)([r["pred"] for r in rows], [r["outputs"] for r in rows])
             evaluation.write_jsonl(pred_path, rows)
             evaluation.write_json(meta_path, {**record, **engine.describe(), "samples": len(rows),
                                               "nulls": sum(not r["pred"] for r in rows), "score": score})
+            for path in partial_paths(pred_path):
+                path.unlink(missing_ok=True)
             scores[task, length] = score
             print(f"{task} {length}: {score:.2f} ({len(rows)} samples) -> {pred_path}")
     return write_results(args, scores)

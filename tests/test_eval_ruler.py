@@ -235,6 +235,33 @@ def test_end_to_end_resume_and_data_files_round_trip(tiny_qwen, essays, tmp_path
     assert a == b and [r["outputs"] for r in written] == [r["outputs"] for r in a]
 
 
+@pytest.mark.slow
+def test_a_killed_run_resumes_inside_a_task_and_length(tiny_qwen, tmp_path, monkeypatch, capsys):
+    # --batch-size 1: rows are saved every 4 samples; the run is interrupted while generating the 5th
+    argv = ["--model", tiny_qwen, "--out", tmp_path, "--tasks", "vt", "--lengths", "2k", "--num-samples", 5,
+            "--batch-size", 1]
+    real, calls = evaluation.LocalEngine.generate, []
+
+    def generate(self, prompts, max_new_tokens, progress=None, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return real(self, prompts, max_new_tokens, progress, **kw)
+
+    monkeypatch.setattr(evaluation.LocalEngine, "generate", generate)
+    interrupt = True
+    assert "interrupted" in run_cli(argv)
+    saved = evaluation.read_jsonl(tmp_path / "2048" / "pred" / "vt.partial.jsonl")
+    assert [r["i"] for r in saved] == [0, 1, 2, 3]
+    interrupt, calls[:] = False, []
+    assert run_cli(argv) == ""
+    assert "resuming after 4 of 5 samples" in capsys.readouterr().out
+    assert calls == [1]  # only the missing sample is generated
+    rows = evaluation.read_jsonl(tmp_path / "2048" / "pred" / "vt.jsonl")
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4] and rows[:4] == [r["row"] for r in saved]
+    assert not (tmp_path / "2048" / "pred" / "vt.partial.jsonl").exists()
+
+
 def test_user_errors_are_one_line(tiny_qwen, tmp_path):
     assert "unknown qa_1" in run_cli(["--model", tiny_qwen, "--out", tmp_path, "--tasks", "qa_1"])
     assert "--lengths 8k: longer than the model's context" in run_cli(
