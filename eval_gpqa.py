@@ -686,12 +686,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     evaluation.check_common_args(args)
     problems = load_problems(args.data, args.shuffle_seed)[:args.max_problems]
     setup = evaluation.load_setup(args.model, max_new_tokens=args.max_response_tokens)
-    limit, what = evaluation.context_limit(setup.config)
     limits = Limits(args.max_turns, args.max_response_tokens, args.max_prompt_tokens,
-                    min(args.max_prompt_tokens + args.max_response_tokens, limit))
-    if limits.context < args.max_prompt_tokens + args.max_response_tokens:
-        print(f"note: the model's {what} is {limit}: each turn generates at most up to {limit} tokens of context "
-              f"(Open-AgentRL: {args.max_prompt_tokens} + {args.max_response_tokens})")
+                    args.max_prompt_tokens + args.max_response_tokens)
+    limit, what = evaluation.context_limit(setup.config)
+    if limits.context > limit:
+        over = (f"a rollout may reach {limits.context} tokens (--max-prompt-tokens {args.max_prompt_tokens} + "
+                f"--max-response-tokens {args.max_response_tokens}), more than the model's {what} {limit}")
+        if args.overflow == "error":
+            raise evaluation.EvalError(f"{over}; pass --overflow run to generate past the trained positions "
+                                       f"anyway, or lower --max-response-tokens")
+        print(f"warning: {over}; generating anyway (--overflow run)")
     prompts = setup.encode([data.render_chat(prompt_messages(p.problem, p.domain), [CODE_TOOL], True)
                             for p in problems], add_special_tokens=False)
     long = [i for i, ids in enumerate(prompts) if len(ids) > limits.max_prompt_tokens]

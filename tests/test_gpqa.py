@@ -176,6 +176,14 @@ def test_data_errors_are_one_line(tmp_path):
         g.load_problems(tmp_path / "missing.parquet")
 
 
+def test_a_context_shorter_than_the_protocol_stops_before_generating(tiny, tmp_path):
+    synthetic_items(tmp_path / "items.jsonl")
+    argv = ["--model", str(tiny.model), "--data", str(tmp_path / "items.jsonl"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="may reach 24576 tokens .* max_position_embeddings 4096; pass --overflow run"):
+        g.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
 def test_metrics():
     def rec(pid, pred, sol="A"):
         return {"id": pid, "pred": pred, "correct": pred == sol,
