@@ -18,10 +18,11 @@ The protocol is LongBench's (THUDM/LongBench, folder LongBench/: pred.py, eval.p
 config/*.json): each task's prompt template filled with the sample's `context` and `input`; the
 formatted prompt cut in the middle to --max-length tokens (its first and last int(max_length/2)
 tokens, each half decoded, the two strings joined and encoded again) and only then wrapped in the chat
-format (QA tasks only); greedy decoding of at most the task's max new tokens; the prediction is the
-new text. A sample's score is the best over its reference answers; a task's score is the mean x 100,
-rounded to two decimals. Predictions are written as LongBench writes them: `<task>.jsonl` with one
-{"pred", "answers", "all_classes", "length"} object per sample, so LongBench's own eval.py reads them.
+format (except the few-shot and code tasks trec, triviaqa, lcc, repobench-p); greedy decoding of at
+most the task's max new tokens; the prediction is the new text. A sample's score is the best over its
+reference answers; a task's score is the mean x 100, rounded to two decimals. Predictions are written
+as LongBench writes them: `<task>.jsonl` with one {"pred", "answers", "all_classes", "length"} object
+per sample, so LongBench's own eval.py reads them.
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ def truncate_prompt(tokenizer: tokenizers.Tokenizer, prompt: str, max_length: in
 
 def model_input(task: str, sample: dict, tokenizer: tokenizers.Tokenizer, max_length: int,
                 chat_template: bool) -> str:
-    """The text the model reads: the prompt, truncated, then (QA tasks, --chat-template) one user turn in
+    """The text the model reads: the prompt, truncated, then (--chat-template, not for NO_CHAT_TASKS) one user turn in
     Qwen's chat format ending in the assistant header. Wrapping comes after truncation, as in pred.py, so
     the chat tokens are outside the budget and never cut."""
     text = truncate_prompt(tokenizer, build_prompt(task, sample), max_length)
@@ -694,10 +695,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, float | dict]:
 
     scores = {t: scores[t] for t in args.tasks}
     table = results_table(scores, {t: counts[t] for t in args.tasks})
+    chat = "on (except trec, triviaqa, lcc, repobench-p)" if args.chat_template else "off"
     header = (f"{'LongBench-E' if args.longbench_e else 'LongBench'} scores of {args.model} (x 100; the average "
-              f"is over the tasks)\n\n"
-              f"prompt budget {args.max_length} tokens, middle truncation; chat template "
-              f"{'on (QA tasks)' if args.chat_template else 'off'}; greedy; data {json.dumps(source.describe())}")
+              f"is over the tasks)\n\nprompt budget {args.max_length} tokens, middle truncation; chat template "
+              f"{chat}; greedy; data {json.dumps(source.describe())}")
     (out / "results.md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
     evaluation.write_json(out / "result.json", scores, indent=4)
     print(f"\n{table}\n\nsaved {out / 'result.json'} and {out / 'results.md'}")
@@ -725,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"N/2 tokens (default: {DEFAULT_MAX_LENGTH}, LongBench's for 8K models; 31500 for 32K)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=False,
                    help="wrap the truncated prompt as one user turn in Qwen's chat format, as LongBench does for "
-                        "chat models (not for trec/triviaqa); default off, for a base model")
+                        "chat models (not for the few-shot and code tasks trec, triviaqa, lcc, repobench-p); "
+                        "default off, for a base model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", default=HUB_DATASET, metavar="REPO",
                      help=f"hub dataset holding LongBench's {HUB_FILE} (default: {HUB_DATASET}); downloaded once "
