@@ -82,7 +82,7 @@ def tok(tiny):
     return data.load_tokenizer(tiny.model)
 
 
-def test_scripted_policy_through_the_real_loop_and_sandbox(tok):
+def test_scripted_policy_through_the_real_loop_and_sandbox(tok, tmp_path):
     scripts = [TWO_CALLS,
                [CALL.format("while True: pass"), "\\boxed{A}"],  # a SyntaxError from the print wrap
                [CALL.format("import time\\nwhile True:\\n    time.sleep(1)\\nprint(1)"), "\\boxed{(A)}"],
@@ -96,8 +96,12 @@ def test_scripted_policy_through_the_real_loop_and_sandbox(tok):
     assert rollouts[4].messages[4]["content"] == "Error when executing tool: 'python'"
     scores = [g.score_rollout(r, tok, "A", g.Limits())["correct"] for r in rollouts]
     assert scores == [True, True, False, False, False]
-    for r in rollouts:  # every transcript renders (and trains: it ends with an assistant answer)
-        assert data.conversation_problems(r.messages, [g.CODE_TOOL]) == []
+    # The correct rollouts' records are training data as they are: data.py loads them.
+    problem = g.Problem("0", "", "A", "Physics")
+    lines = [g.rollout_record(r, problem, g.score_rollout(r, tok, "A", g.Limits())) for r in rollouts[:2]]
+    (tmp_path / "correct.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    samples, _ = data.load_samples(tmp_path / "correct.jsonl", tok)
+    assert len(samples) == 2 and sum(samples[0].loss_mask) > 0
 
 
 def test_turn_and_token_limits(tok):
