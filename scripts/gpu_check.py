@@ -292,6 +292,13 @@ def kernels_seen(fn) -> tuple[str, str]:
     return ", ".join(forward) or "none seen", ", ".join(backward) or "-"
 
 
+def sdpa_reasons(caught: list) -> list[str]:
+    """Why PyTorch refused a backend: the warnings it gives on the way, each once, without the
+    '(Triggered internally at file:line.)' tail."""
+    lines = [str(w.message).split("(Triggered internally")[0].strip() for w in caught]
+    return list(dict.fromkeys(line for line in lines if line))[:6]
+
+
 def part_sdpa(part: Part, size: Sizes, work: Path) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -345,9 +352,8 @@ def part_sdpa(part: Part, size: Sizes, work: Path) -> None:
                             row[f"{label}_ms"] = 1e3 * timed(call, device, size.repeats)
                     except RuntimeError as e:
                         row[f"{label}_ms"] = "unavailable"
-                        reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
                         part.add_row("unavailable", {"case": name, "backend": label,
-                                                     "why": "; ".join(reasons[:3]) or one_line(e)})
+                                                     "why": "; ".join(sdpa_reasons(caught)) or one_line(e)})
                 free_memory()
             part.add_row("kernels", row)
             say(f"SDPA {name}: picks {row['picked_forward']} (backward {row['picked_backward']}), "
@@ -482,6 +488,8 @@ def part_bench7b(part: Part, size: Sizes, work: Path, deadline: float) -> None:
     torch.manual_seed(0)
     model, batch = bench.build(bench.parse_args(base))  # drawing 7B random weights takes about a minute
     settings = inner_ckpt_settings(bench.parse_args, base)
+    part.record("memory", "steps: peak_gb is one step's peak above the weights and the batch (bench.py's measure); "
+                          "longest_step: peak_gb_total is everything allocated, weights included")
 
     def measure(inner_ckpt: bool, flags: list[str], variants: list[str]) -> None:
         args = bench.parse_args([*base, *flags, "--variants", *variants])
@@ -525,9 +533,11 @@ def part_bench7b(part: Part, size: Sizes, work: Path, deadline: float) -> None:
                 fits = False
             seconds = time.perf_counter() - t0
             del step
+            model.zero_grad(set_to_none=True)  # a backward cut short leaves some gradients behind
             free_memory()
+            # the whole allocation: bf16 weights (15 GB at 7B) and gradients included, no optimizer states
             row = {"seq": seq, "fits": fits, "step_s": seconds if fits else None,
-                   "peak_gb": peak_gb(device) if fits else None}
+                   "peak_gb_total": peak_gb(device) if fits else None}
             part.add_row("longest_step", row)
             say(f"FocuSFT step at {seq} tokens: " + (f"fits, {seconds:.1f} s" if fits else "out of memory"))
             if not fits:
