@@ -31,6 +31,7 @@ import os
 import random
 import re
 import string
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -606,13 +607,15 @@ def write_data(args: argparse.Namespace) -> None:
     root = Path(args.write_data)
     for length in args.lengths:
         for task in args.tasks:
+            t0 = time.perf_counter()
             samples = generate_samples(task, length_tokens(length), args.num_samples, tokenizer, args.seed,
                                        args.chat_template, args.essays)
+            seconds = time.perf_counter() - t0
             path = data_path(root, task, length_tokens(length))
             path.parent.mkdir(parents=True, exist_ok=True)
             evaluation.write_jsonl(path, samples)
             print(f"{task} {length}: {len(samples)} samples, {min(s['length'] for s in samples)}-"
-                  f"{max(s['length'] for s in samples)} tokens with generation -> {path}")
+                  f"{max(s['length'] for s in samples)} tokens with generation, built in {seconds:.1f} s -> {path}")
 
 
 # ----------------------------------------------------------------------------------------------
