@@ -723,7 +723,7 @@ def load_samples(args: argparse.Namespace, source: DataSource, setup: Setup, tas
 def evaluate(args: argparse.Namespace) -> dict:
     """Generate and score every requested (task, length) not already finished in --out; write the
     predictions, results.md and results.json; return the results."""
-    setup = load_setup(args.model, args.max_new_tokens)
+    setup = load_setup(args.model, args.max_new_tokens, weights=not args.server)
     source = make_source(args)
     out = Path(args.out)
     data_record = {**source.describe(), "max_samples": args.max_samples}
@@ -767,7 +767,7 @@ def write_results(args: argparse.Namespace, setup: Setup, counts: dict, data_rec
 def benchmark(args: argparse.Namespace) -> dict:
     """Samples/s of batched generation against one prompt at a time, on the first (task, length)."""
     args.max_samples = args.max_samples or 16
-    setup = load_setup(args.model, args.max_new_tokens)
+    setup = load_setup(args.model, args.max_new_tokens, weights=not args.server)
     source = make_source(args)
     task, length = args.tasks[0], args.lengths[0]
     source.check([(task, length)])

@@ -685,7 +685,7 @@ def settings_record(args, limits: Limits, data_path: Path, engine) -> dict:
 def evaluate(args: argparse.Namespace) -> dict:
     evaluation.check_common_args(args)
     problems = load_problems(args.data, args.shuffle_seed)[:args.max_problems]
-    setup = evaluation.load_setup(args.model, max_new_tokens=args.max_response_tokens)
+    setup = evaluation.load_setup(args.model, max_new_tokens=args.max_response_tokens, weights=not args.server)
     limits = Limits(args.max_turns, args.max_response_tokens, args.max_prompt_tokens,
                     args.max_prompt_tokens + args.max_response_tokens)
     limit, what = evaluation.context_limit(setup.config)

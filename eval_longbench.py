@@ -656,7 +656,8 @@ def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source
 def evaluate(args: argparse.Namespace) -> dict[str, float | dict]:
     """Generate and score every requested task not already finished in --out; write the predictions,
     result.json (LongBench's format) and results.md; print the table; return the scores."""
-    base = evaluation.load_setup(args.model, max_new_tokens=max(MAX_NEW_TOKENS[t] for t in args.tasks))
+    base = evaluation.load_setup(args.model, max_new_tokens=max(MAX_NEW_TOKENS[t] for t in args.tasks),
+                                 weights=not args.server)
     source = make_source(args)
     out = Path(args.out)
     score_fn = task_score_e if args.longbench_e else task_score

@@ -701,7 +701,7 @@ def evaluate_one(args, setup, engine, task: str, length: str, record: dict, pred
 def evaluate(args: argparse.Namespace) -> dict:
     """Generate and score every requested (task, length) not already finished in --out; write the
     predictions, results.md and results.json; return the results."""
-    setup = evaluation.load_setup(args.model, max_new_tokens=max(TOKENS_TO_GENERATE.values()))
+    setup = evaluation.load_setup(args.model, max_new_tokens=max(TOKENS_TO_GENERATE.values()), weights=not args.server)
     check_lengths(args, setup)
     out = Path(args.out)
     engine = evaluation.make_engine(args, setup)  # loads the weights on first use: not at all when all is done

@@ -32,7 +32,7 @@ A new benchmark, in full (data, prompt and scoring are the benchmark's own):
 
     def run(args):
         evaluation.check_common_args(args)
-        setup = evaluation.load_setup(args.model, max_new_tokens=32)
+        setup = evaluation.load_setup(args.model, max_new_tokens=32, weights=not args.server)
         samples = [{"question": "2+2?", "answer": "4"}]                 # the benchmark's data
         prompts = setup.encode([f"Q: {s['question']}\\nA:" for s in samples])
         evaluation.check_overflow("arith", prompts, setup, args.overflow, "use shorter inputs")
@@ -157,9 +157,10 @@ class Setup:
                 "temperature": None, "top_p": None, "top_k": None, "eos_token_id": self.eos}
 
 
-def load_setup(model: str | os.PathLike, max_new_tokens: int) -> Setup:
-    """Tokenizer, config and EOS ids of --model (a directory or hub id); the weights are not loaded."""
-    directory = qwen2.checkpoint_dir(model)
+def load_setup(model: str | os.PathLike, max_new_tokens: int, weights: bool = True) -> Setup:
+    """Tokenizer, config and EOS ids of --model (a directory or hub id); the weights are not loaded, and
+    with weights=False (pass `not args.server`) a hub id's weights are not even downloaded."""
+    directory = qwen2.checkpoint_dir(model, weights)
     tokenizer = load_tokenizer(directory, f"--model {model}")
     config = qwen2.Qwen2Config.from_json(directory / "config.json")  # a clear CheckpointError if bad
     return Setup(directory, tokenizer, config, eos_token_ids(directory, tokenizer), max_new_tokens)

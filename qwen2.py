@@ -590,11 +590,11 @@ _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.s
               *TOKENIZER_FILES]
 
 
-def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
+def checkpoint_dir(path_or_hub_id: str | os.PathLike, weights: bool = True) -> Path:
     """A local checkpoint directory: the path itself, or a hub snapshot (config, weights, tokenizer).
 
     A hub id ("org/name") is downloaded with huggingface_hub into its cache; with HF_HUB_OFFLINE=1
-    the cached snapshot is used."""
+    the cached snapshot is used. weights=False leaves the weights out (a model served elsewhere)."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -605,7 +605,8 @@ def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
         raise CheckpointError(f"{text}: no such directory (and not a hub id of the form org/name)")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+        patterns = _HUB_FILES if weights else [f for f in _HUB_FILES if "safetensors" not in f]
+        return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo, offline without a cache: all one message
         offline = " (HF_HUB_OFFLINE is set: the model must already be in the cache)" if os.environ.get(
             "HF_HUB_OFFLINE") else ""

@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import fake_server
+import huggingface_hub
 import pytest
 
 import evaluation
@@ -133,6 +134,20 @@ def test_result_files_are_written_whole(tmp_path):
 def test_markdown_table():
     assert evaluation.markdown_table(["", "a"], [["x", evaluation.percent(0.5)], ["y", evaluation.percent(None)]]) \
         == "| | a |\n| --- | ---: |\n| x | 50.0 |\n| y | - |"
+
+
+def test_setup_for_a_server_downloads_no_weights(tiny, monkeypatch):
+    asked = []
+
+    def snapshot_download(repo, allow_patterns):
+        asked.append(allow_patterns)
+        return str(tiny.model)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert evaluation.load_setup("org/served", 5, weights=False).directory == tiny.model
+    assert evaluation.load_setup("org/local", 5).directory == tiny.model
+    assert "config.json" in asked[0] and "tokenizer.json" in asked[0] and "*.safetensors" in asked[1]
+    assert not [p for p in asked[0] if "safetensors" in p]
 
 
 def test_common_flags():
