@@ -653,6 +653,33 @@ def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source
     return Job(task, setup, samples, prompts, record)
 
 
+def partial_paths(out: Path, task: str) -> tuple[Path, Path]:
+    """An unfinished task's predictions so far (JSON lines {"i", "pred"}) and the settings they were made
+    with. Neither name ends in "jsonl": LongBench's eval.py reads every *jsonl file of the folder."""
+    return out / f"{task}.partial", out / f"{task}.partial.json"
+
+
+def generate_task(args: argparse.Namespace, job: Job, engine: evaluation.Engine, out: Path) -> list[str]:
+    """The predictions of a task, in sample order. Prompts go longest first, a chunk of 4 x --batch-size at
+    a time; after each chunk the predictions so far are saved, so a killed run resumes inside the task."""
+    rows_path, rows_meta = partial_paths(out, job.task)
+    done: dict[int, str] = {}
+    if evaluation.is_finished(rows_path, rows_meta, job.record, RESUME_KEYS):
+        done = {r["i"]: r["pred"] for r in evaluation.read_jsonl(rows_path)}
+        print(f"{job.task}: resuming after {len(done)} of {len(job.prompts)} samples")
+    evaluation.write_json(rows_meta, job.record)
+    todo = sorted((i for i in range(len(job.prompts)) if i not in done), key=lambda i: -len(job.prompts[i]))
+    chunk = 4 * args.batch_size
+    with tqdm(total=len(job.prompts), initial=len(done), desc=job.task, unit="sample", leave=False) as bar:
+        for start in range(0, len(todo), chunk):
+            idx = todo[start:start + chunk]
+            new = engine.generate([job.prompts[i] for i in idx], job.setup.max_new_tokens, progress=bar)
+            for i, ids in zip(idx, new, strict=True):
+                done[i] = decode_prediction(job.setup.tokenizer, ids, job.setup.eos)
+            evaluation.write_jsonl(rows_path, [{"i": i, "pred": p} for i, p in sorted(done.items())])
+    return [done[i] for i in range(len(job.prompts))]
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, float | dict]:
     """Generate and score every requested task not already finished in --out; write the predictions,
     result.json (LongBench's format) and results.md; print the table; return the scores."""
@@ -681,15 +708,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, float | dict]:
         engine = evaluation.make_engine(args, base)
         print(f"{len(jobs)} of {len(args.tasks)} tasks to run; writing to {out}")
     for job in jobs:
-        with tqdm(total=len(job.prompts), desc=job.task, unit="sample", leave=False) as bar:
-            new = engine.generate(job.prompts, job.setup.max_new_tokens, progress=bar)
-        rows = prediction_rows(job.samples, [decode_prediction(base.tokenizer, ids, base.eos) for ids in new])
+        rows = prediction_rows(job.samples, generate_task(args, job, engine, out))
         score = score_fn(job.task, rows)
         evaluation.write_jsonl(out / f"{job.task}.jsonl", rows)
         lengths = [len(p) for p in job.prompts]
         evaluation.write_json(out / f"{job.task}.json", {
             **engine.describe(), **job.record, "samples": len(rows), "score": score, "metric": METRICS[job.task],
             "prompt_tokens": {"max": max(lengths), "mean": round(sum(lengths) / len(lengths), 1)}})
+        for path in partial_paths(out, job.task):
+            path.unlink(missing_ok=True)
         scores[job.task], counts[job.task] = score, len(rows)
         shown = ", ".join(f"{b} {_cell(v)}" for b, v in score.items()) if isinstance(score, dict) else f"{score:.2f}"
         print(f"{job.task}: {METRICS[job.task]} {shown} ({len(rows)} samples) -> {out / job.task}.jsonl")

@@ -252,11 +252,11 @@ def test_score_dir(tmp_path, capsys):
 # The full run on a tiny random model
 
 
-def longbench_dir(root, tasks=("hotpotqa", "triviaqa"), n=2, n_items=150):
-    """LongBench's data folder with n short records per task, sample 0 with a long context."""
+def longbench_dir(root, tasks=("hotpotqa", "triviaqa"), n=2, n_items=150, long=0):
+    """LongBench's data folder with n short records per task, sample `long` with a long context."""
     for task in tasks:
         records = [record(i, task) for i in range(n)]
-        records[0]["context"] = " ".join(f"item{k} is in room{k}." for k in range(n_items))
+        records[long]["context"] = " ".join(f"item{k} is in room{k}." for k in range(n_items))
         write_task(root, task, records)
     return root
 
@@ -350,6 +350,40 @@ def test_another_model_in_the_same_out_reruns(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert lb.main(["--model", str(tiny.model), *args]) == 0
     assert "1 of 1 tasks to run" in capsys.readouterr().out
+
+
+def test_a_killed_task_resumes_inside(tiny, tmp_path, monkeypatch, capsys):
+    """Predictions are saved a chunk (4 x --batch-size prompts) at a time: a run killed in a task generates
+    only the rest on the next run, and the files equal those of an uninterrupted run. The engine is a stand-in
+    (this is about the bookkeeping): it answers each prompt with the tokens of its question."""
+    calls, kill = [], {"on_call": None}
+
+    def generate(self, prompts, max_new_tokens, progress=None, **kw):
+        calls.append(len(prompts))
+        if len(calls) == kill["on_call"]:
+            raise KeyboardInterrupt
+        return [p[-20:] for p in prompts]  # "...Question: Where is item{i}?\nAnswer:"
+
+    monkeypatch.setattr(lb.evaluation.LocalEngine, "generate", generate)
+    data_dir = longbench_dir(tmp_path / "data", tasks=("hotpotqa",), n=6, n_items=3, long=5)  # 5 goes first
+    args = ["--model", str(tiny.model), "--data-dir", str(data_dir), "--tasks", "hotpotqa", "--batch-size", "1"]
+    assert lb.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert calls == [4, 2]
+    whole = (tmp_path / "whole" / "hotpotqa.jsonl").read_text()
+    assert all(f"item{i}?" in json.loads(line)["pred"] for i, line in enumerate(whole.splitlines()))
+
+    out = tmp_path / "killed"
+    calls.clear()
+    kill["on_call"] = 2
+    with pytest.raises(SystemExit, match="interrupted"):
+        lb.main([*args, "--out", str(out)])
+    assert len((out / "hotpotqa.partial").read_text().splitlines()) == 4 and not (out / "hotpotqa.jsonl").exists()
+    calls.clear()
+    kill["on_call"] = None
+    assert lb.main([*args, "--out", str(out)]) == 0
+    assert calls == [2] and "hotpotqa: resuming after 4 of 6 samples" in capsys.readouterr().out
+    assert (out / "hotpotqa.jsonl").read_text() == whole
+    assert not (out / "hotpotqa.partial").exists() and not (out / "hotpotqa.partial.json").exists()
 
 
 def test_prompt_over_the_context_stops_before_generating(tiny, tmp_path, monkeypatch):
