@@ -358,28 +358,32 @@ def truncate_middle(ids: list[int], max_length: int) -> list[int]:
     return list(ids[:half]) + list(ids[-half:])
 
 
-def truncate_prompt(tokenizer: tokenizers.Tokenizer, prompt: str, max_length: int) -> str:
-    """pred.py's truncation of a formatted prompt: encoded, cut in the middle (truncate_middle), each kept
-    half decoded without special tokens and the two strings joined. The caller encodes the result again,
-    so a few tokens can merge (or split) at the seam: the budget is LongBench's, not an exact count."""
-    ids = tokenizer.encode(prompt).ids
-    if len(ids) <= max_length:
-        return prompt
+def truncate_prompts(tokenizer: tokenizers.Tokenizer, prompts: list[str], max_length: int) -> list[str]:
+    """pred.py's truncation of formatted prompts: each encoded, cut in the middle (truncate_middle), each
+    kept half decoded without special tokens and the two strings joined. The caller encodes the result
+    again, so a few tokens can merge (or split) at the seam: the budget is LongBench's, not an exact count.
+    The batch calls run on all cores (a NarrativeQA prompt is about 25K tokens before truncation)."""
+    ids = [e.ids for e in tokenizer.encode_batch(prompts)]
+    over = [i for i, x in enumerate(ids) if len(x) > max_length]
     half = int(max_length / 2)
-    kept = truncate_middle(ids, max_length)
-    return (tokenizer.decode(kept[:half], skip_special_tokens=True)
-            + tokenizer.decode(kept[half:], skip_special_tokens=True))
+    kept = [truncate_middle(ids[i], max_length) for i in over]
+    heads = tokenizer.decode_batch([k[:half] for k in kept], skip_special_tokens=True)
+    tails = tokenizer.decode_batch([k[half:] for k in kept], skip_special_tokens=True)
+    out = list(prompts)
+    for i, head, tail in zip(over, heads, tails, strict=True):
+        out[i] = head + tail
+    return out
 
 
-def model_input(task: str, sample: dict, tokenizer: tokenizers.Tokenizer, max_length: int,
-                chat_template: bool) -> str:
-    """The text the model reads: the prompt, truncated, then (--chat-template, not for NO_CHAT_TASKS) one user turn in
-    Qwen's chat format ending in the assistant header. Wrapping comes after truncation, as in pred.py, so
-    the chat tokens are outside the budget and never cut."""
-    text = truncate_prompt(tokenizer, build_prompt(task, sample), max_length)
+def model_inputs(task: str, samples: list[dict], tokenizer: tokenizers.Tokenizer, max_length: int,
+                 chat_template: bool) -> list[str]:
+    """The texts the model reads: each prompt, truncated, then (--chat-template, not for NO_CHAT_TASKS) one
+    user turn in Qwen's chat format ending in the assistant header. Wrapping comes after truncation, as in
+    pred.py, so the chat tokens are outside the budget and never cut."""
+    texts = truncate_prompts(tokenizer, [build_prompt(task, s) for s in samples], max_length)
     if chat_template and task not in NO_CHAT_TASKS:
-        text = data.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    return text
+        texts = [data.render_chat([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,8 +649,7 @@ def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source
     samples = source.samples(data_file(args, task))[:args.max_samples]  # [:None] is all
     if not samples:
         raise EvalError(f"{source.where}: {task} has no samples")
-    texts = [model_input(task, s, setup.tokenizer, args.max_length, record["prompt"]["chat_template"])
-             for s in samples]
+    texts = model_inputs(task, samples, setup.tokenizer, args.max_length, record["prompt"]["chat_template"])
     prompts = setup.encode(texts)  # as pred.py: tokenizer(prompt), also for the chat-wrapped text
     evaluation.check_overflow(task, prompts, setup, args.overflow,
                               f"lower --max-length (now {args.max_length})")

@@ -149,28 +149,33 @@ def test_truncation_with_the_qwen_tokenizer(qwen_tok):
     prompt = lb.build_prompt("hotpotqa", sample)
     full = qwen_tok.encode(prompt).ids
     assert len(full) > 4 * 500
-    text = lb.model_input("hotpotqa", sample, qwen_tok, 500, chat_template=False)
+    text = lb.model_inputs("hotpotqa", [sample], qwen_tok, 500, chat_template=False)[0]
     ids = qwen_tok.encode(text).ids
+    # exactly pred.py's: the first and last 250 tokens, decoded apart and joined (501 keeps 250 + 250 too)
+    assert text == qwen_tok.decode(full[:250], skip_special_tokens=True) + qwen_tok.decode(full[-250:])
+    assert lb.model_inputs("hotpotqa", [sample], qwen_tok, 501, chat_template=False) == [text]
     assert abs(len(ids) - 500) <= 2                                  # re-encoding may merge at the seam
     assert ids[:240] == full[:240] and ids[-240:] == full[-240:]     # head and tail kept
     assert text.startswith("Answer the question based on the given passages.")
     assert text.endswith("Question: What is fact5?\nAnswer:")
     assert "fact1000 " not in text                                   # the middle is gone
     short = {"context": "fact1 is 1.", "input": "What is fact1?"}
-    assert lb.model_input("hotpotqa", short, qwen_tok, 500, False) == lb.build_prompt("hotpotqa", short)
+    # a batch: only the prompts over the budget change
+    both = lb.model_inputs("hotpotqa", [short, sample], qwen_tok, 500, False)
+    assert both == [lb.build_prompt("hotpotqa", short), text]
 
 
 def test_chat_wrapping_comes_after_truncation(qwen_tok):
     sample = long_sample()
-    plain = lb.model_input("hotpotqa", sample, qwen_tok, 500, chat_template=False)
-    chat = lb.model_input("hotpotqa", sample, qwen_tok, 500, chat_template=True)
+    plain = lb.model_inputs("hotpotqa", [sample], qwen_tok, 500, chat_template=False)[0]
+    chat = lb.model_inputs("hotpotqa", [sample], qwen_tok, 500, chat_template=True)[0]
     assert chat == data.render_chat([{"role": "user", "content": plain}], add_generation_prompt=True)
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
     # the chat tokens come on top of the budget: nothing of the truncated prompt is lost to them
     assert len(qwen_tok.encode(chat).ids) > len(qwen_tok.encode(plain).ids) + 10
     # few-shot tasks are never wrapped (pred.py)
     trivia = {"context": "Q: a? A: b", "input": "Q: c? A:"}
-    assert lb.model_input("triviaqa", trivia, qwen_tok, 500, True) == lb.build_prompt("triviaqa", trivia)
+    assert lb.model_inputs("triviaqa", [trivia], qwen_tok, 500, True) == [lb.build_prompt("triviaqa", trivia)]
 
 
 # ----------------------------------------------------------------------------------------------
