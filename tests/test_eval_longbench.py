@@ -433,3 +433,24 @@ def test_cli_errors_are_one_line(tiny, tmp_path, flags, fragment):
     with pytest.raises(SystemExit) as e:
         lb.main(["--model", str(tiny.model), "--out", str(tmp_path / "out"), *flags])
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_data_and_predictions_are_one_line_errors(tiny, tmp_path):
+    def error(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            lb.main([*map(str, argv)])
+        assert str(e.value).startswith("eval_longbench.py: error: ") and "\n" not in str(e.value)
+        return str(e.value)
+
+    base = ["--model", tiny.model, "--out", tmp_path / "out", "--tasks", "hotpotqa"]
+    write_task(tmp_path / "data", "hotpotqa", [record(0)])
+    with open(tmp_path / "data" / "hotpotqa.jsonl", "a") as f:
+        f.write('{"input": "q", "context": "c"}\n')
+    assert "hotpotqa.jsonl:2: missing field(s) answers" in error(*base, "--data-dir", tmp_path / "data")
+    (tmp_path / "data.zip").write_text("not a zip")
+    assert "data.zip is not a readable zip file" in error(*base, "--data-dir", tmp_path / "data.zip")
+    assert not (tmp_path / "out").exists()
+    assert "--score-dir " in error("--score-dir", tmp_path / "nowhere")
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "preds" / "hotpotqa.jsonl").write_text('{"pred": 1, "answers": []}\n')
+    assert "hotpotqa.jsonl:1: expected LongBench's prediction record" in error("--score-dir", tmp_path / "preds")
