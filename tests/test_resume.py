@@ -20,8 +20,9 @@ STEPS = 6
 
 
 def command(tiny, out: Path, *extra: str, nproc: int = 1, script: Path | None = None) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
-        else [sys.executable]
+    # --standalone: a free port per launch, so back-to-back or parallel runs never collide
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
     return launcher + [str(script or ROOT / "focusft.py"), "--model", str(tiny.model), "--data", str(tiny.data),
                        "--out", str(out), "--max-steps", str(STEPS), "--grad-accum", "2", "--lr", "1e-3",
                        "--rank", "4", "--ckpt-every", "1", "--keep", "3", *extra]
@@ -31,11 +32,13 @@ def run(cmd, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
-def patched(tmp_path: Path, code: str) -> Path:
-    """A launcher script that patches focusft (fault injection, test-side only), then runs its CLI."""
+def patched(tmp_path: Path, code: str, before_import: bool = False) -> Path:
+    """A launcher script that patches focusft, or a library before focusft is imported (fault
+    injection, test-side only), then runs focusft's CLI."""
     script = tmp_path / "patched_focusft.py"
-    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport focusft, qwen2\n{code}\n"
-                      "focusft.main()\n")
+    imports = "import focusft, qwen2\n"
+    body = f"{code}\n{imports}" if before_import else f"{imports}{code}\n"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\n{body}focusft.main()\n")
     return script
 
 
@@ -124,21 +127,45 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path, reference, npr
     assert losses(out) == losses(reference[nproc])  # metrics logged after the checkpoint were rewritten
 
 
-def test_interrupted_save_leaves_previous_checkpoint(tiny, tmp_path, reference):
+# The weight writer (safetensors' own, patched before focusft is imported) writes half of the file
+# for the save named by $DIE_IN, then the process SIGKILLs itself: a preemption in the middle of a save.
+DIE_IN_SAVE = """
+import signal
+import safetensors.torch
+original_save_file = safetensors.torch.save_file
+def save_file(tensors, filename, *a, **k):
+    original_save_file(tensors, filename, *a, **k)
+    die_in = os.environ.get("DIE_IN")
+    if die_in and os.path.basename(os.path.dirname(filename)).startswith(die_in):
+        size = os.path.getsize(filename)
+        with open(filename, "r+b") as f:
+            f.truncate(size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+safetensors.torch.save_file = save_file
+"""
+
+
+@pytest.mark.parametrize("save", ["step-000004", "final"], ids=["training-checkpoint", "final-export"])
+def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny, tmp_path, reference, save):
+    """SIGKILL half way through writing a checkpoint's weights: the newest complete checkpoint
+    before it loads, nothing half-written is taken for a checkpoint or an export, and the resumed
+    run ends bitwise equal to the uninterrupted one."""
     out = tmp_path / "run"
-    cmd = command(tiny, out, script=patched(tmp_path, SLOW))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    kill_when(proc, out / "checkpoints" / "step-000002")
-    # What a kill in the middle of writing step 5 leaves: a .tmp directory with a truncated file.
+    cmd = command(tiny, out, script=patched(tmp_path, DIE_IN_SAVE, before_import=True))
+    killed = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "DIE_IN": save}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     newest = sorted((out / "checkpoints").glob("step-??????"))[-1]
-    partial = out / "checkpoints" / "step-000005.tmp"
-    partial.mkdir()
-    data = (newest / "model.safetensors").read_bytes()
-    (partial / "model.safetensors").write_bytes(data[: len(data) // 3])
-    resumed = run(cmd)
+    qwen2.from_pretrained(newest)  # the newest checkpoint there loads, and it is the last whole one
+    assert newest.name == ("step-000003" if save.startswith("step") else f"step-{STEPS - 1:06d}")
+    target = out / "checkpoints" / save if save.startswith("step") else out / save
+    assert not target.exists() and not (out / "final").exists()  # nothing half-written in place
+    with pytest.raises(qwen2.CheckpointError):  # the interrupted save really was half written
+        qwen2.from_pretrained(target.with_name(f"{save}.tmp"))
+    resumed = run(cmd)  # the same command, without the fault
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {newest}" in resumed.stdout
     assert_bitwise_equal(out / "final", reference[1] / "final")
+    assert losses(out) == losses(reference[1])
 
 
 def test_keep_and_finished_run(tiny, reference):
@@ -166,23 +193,130 @@ def test_resume_flag_without_checkpoint(tiny, tmp_path):
     assert not (tmp_path / "fresh").exists()
 
 
-def test_sigterm_checkpoints_and_exits_zero(tiny, tmp_path, reference):
-    out = tmp_path / "run"
-    cmd = command(tiny, out, "--ckpt-every", "0", script=patched(tmp_path, SLOW))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    metrics = out / "metrics.jsonl"
+# Holds the first micro-batch of optimizer step 2 (call 3, with --grad-accum 2) while $HOLD exists,
+# after touching $HOLD.entered<rank>; each signal the stop handler receives is logged to
+# $HOLD.signals<rank> before the handler runs. The test acts while every rank is held, so what it
+# checks never depends on timing.
+HOLD = """
+import time
+calls = {"n": 0}
+original_step = focusft.focusft_step
+def held_step(*a, **k):
+    calls["n"] += 1
+    hold, rank = os.environ.get("HOLD", ""), os.environ.get("RANK", "0")
+    if calls["n"] == 3 and hold and os.path.exists(hold):
+        open(f"{hold}.entered{rank}", "w").close()
+        while os.path.exists(hold):
+            time.sleep(0.02)
+    return original_step(*a, **k)
+focusft.focusft_step = held_step
+original_handle = focusft.StopRequest.handle
+def handle(self, signum, frame):
+    if os.environ.get("HOLD"):
+        with open(os.environ["HOLD"] + ".signals" + os.environ.get("RANK", "0"), "a") as f:
+            f.write(f"{signum}\\n")
+    return original_handle(self, signum, frame)
+focusft.StopRequest.handle = handle
+"""
+
+
+def start_held(tiny, tmp_path, nproc: int, *extra: str):
+    """Start a run that holds at step 2 on every rank; return (process, hold file, out, command)."""
+    out, hold = tmp_path / "run", tmp_path / "hold"
+    hold.touch()
+    cmd = command(tiny, out, *extra, nproc=nproc, script=patched(tmp_path, HOLD))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "HOLD": str(hold)})
     deadline = time.time() + 240
-    while not (metrics.exists() and '"loss"' in metrics.read_text()):
-        assert proc.poll() is None and time.time() < deadline
+    while not all(Path(f"{hold}.entered{r}").exists() for r in range(nproc)):
+        if proc.poll() is not None or time.time() > deadline:
+            stop_all(proc)
+            raise AssertionError(f"the run never reached the held step: {proc.communicate()}")
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    return proc, hold, out, cmd
+
+
+def stop_all(proc: subprocess.Popen) -> None:
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    """The worker process of `rank` under torchrun (from its environment)."""
+    for pid in descendants(proc.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def signals_seen(hold: Path, rank: int) -> int:
+    path = Path(f"{hold}.signals{rank}")
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(condition, proc, what: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            stop_all(proc)
+            raise AssertionError(f"{what} never happened")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("nproc, sig, to_rank", [(1, signal.SIGTERM, 0), (1, signal.SIGINT, 0),
+                                                 pytest.param(2, signal.SIGTERM, 1, marks=pytest.mark.slow)],
+                         ids=["sigterm", "sigint", "torchrun-sigterm-to-rank1"])
+def test_signal_finishes_the_step_checkpoints_and_exits_zero(tiny, tmp_path, reference, nproc, sig, to_rank):
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) alike: the step in progress finishes,
+    a checkpoint is written, exit 0, and the resumed run ends bitwise equal to the uninterrupted
+    one. Under torchrun the signal reaches rank 1 only; rank 0 stops at the same step all the same
+    (a rank that stopped alone would leave the other hanging in a collective)."""
+    proc, hold, out, cmd = start_held(tiny, tmp_path, nproc, "--ckpt-every", "0")
+    target = proc.pid if nproc == 1 else rank_pid(proc, to_rank)
+    os.kill(target, sig)
+    wait_for(lambda: signals_seen(hold, to_rank) == 1, proc, "the signal's delivery")
+    hold.unlink()  # step 2 goes on
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        stop_all(proc)
     assert proc.returncode == 0, stderr
-    assert "stopped by a signal after step" in stdout and "resume with the same command" in stdout
-    stopped_at = int(stdout.split("stopped by a signal after step ")[1].split(":")[0])
-    assert stopped_at < STEPS and [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stopped_at:06d}"]
+    assert "stopped by a signal after step 2: resume with the same command" in stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # one checkpoint, all ranks'
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").glob("rng-rank*.pt")) == [
+        f"rng-rank{r}.pt" for r in range(nproc)]
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
+    assert_bitwise_equal(out / "final", reference[nproc] / "final")
+    assert losses(out) == losses(reference[nproc])
+
+
+def test_second_ctrl_c_stops_at_once(tiny, tmp_path, reference):
+    """Ctrl-C twice: the run stops inside the held step (which never finishes), writes nothing,
+    and the checkpoints written before stay loadable and resume exactly."""
+    proc, hold, out, cmd = start_held(tiny, tmp_path, 1)
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: signals_seen(hold, 0) == 1, proc, "the first SIGINT's delivery")
+    proc.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)  # still held: only the second Ctrl-C can end it
+    finally:
+        stop_all(proc)
+    assert hold.exists() and signals_seen(hold, 0) == 2
+    assert proc.returncode != 0 and "stopped by a signal" not in stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]  # none for step 2
+    hold.unlink()
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "(step 1)" in resumed.stdout
     assert_bitwise_equal(out / "final", reference[1] / "final")
 
 
