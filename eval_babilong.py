@@ -32,7 +32,6 @@ import os
 import random
 import re
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,36 +40,10 @@ from pathlib import Path, PurePosixPath
 import huggingface_hub
 import pyarrow
 import pyarrow.parquet as pq
-import torch
-from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import (
-    GatedRepoError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 
 import data
 import evaluation
-from evaluation import (
-    EvalError,
-    Setup,
-    add_common_args,
-    atomic_write,
-    check_common_args,
-    check_overflow,
-    check_positive,
-    generate_batched,
-    generate_texts,
-    is_finished,
-    load_setup,
-    make_engine,
-    markdown_table,
-    percent,
-    read_csv,
-    write_csv,
-    write_json,
-)
+from evaluation import EvalError, Setup
 
 PROG = "eval_babilong.py"
 
@@ -103,7 +76,6 @@ DEFAULT_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 DEFAULT_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
 SYNTHETIC_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")  # the worlds data.babi_story builds
 MAX_NEW_TOKENS = 20
-BENCHMARK_ROUNDS = 3
 
 
 def length_tokens(length: str) -> int:
@@ -161,134 +133,25 @@ def score(task: str, rows: list[dict]) -> tuple[int, int]:
 DEFAULT_TEMPLATE = ("{instruction}\n\n{examples}\n\n{post_prompt}\n\n"
                     "<context>\n{context}\n</context>\n\nQuestion: {question}")
 
-
-def _examples(*pairs: tuple[str, str]) -> str:
-    return "\n\n".join(f"<example>\n{story}\nAnswer: {answer}\n</example>" for story, answer in pairs)
+PROMPTS_FILE = Path(__file__).with_name("babilong_prompts.json")
 
 
-# This project's own per-task texts, with the benchmark's answer formats. The examples use places,
-# names and objects outside the tasks' label sets, so copying an example's answer never scores.
-PROMPTS: dict[str, dict[str, str]] = {
-    "qa1": {
-        "instruction": (
-            "You will read a long text in which a few short statements about where people go are hidden "
-            "among unrelated passages, followed by a question. Answer using only those statements. When "
-            "a person moved several times, their location is the last place they went to."),
-        "examples": _examples(
-            ("Olivia walked into the attic. Marcus headed to the porch. Olivia ran to the library. "
-             "Where is Olivia?", "The most recent location of Olivia is library."),
-            ("Theo strolled to the cellar. Ingrid drove to the studio. Theo moved to the garage. Ingrid "
-             "went to the greenhouse. Where is Ingrid?",
-             "The most recent location of Ingrid is greenhouse.")),
-        "post_prompt": ("Answer with one sentence of the form: The most recent location of <person> is "
-                        "<location>. Write nothing else after it."),
-    },
-    "qa2": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about people moving "
-            "around and picking up, carrying or putting down objects, followed by a question. Use only "
-            "those statements. An object that someone holds goes wherever that person goes."),
-        "examples": _examples(
-            ("Nadia picked up the lantern. Nadia walked to the porch. Where is the lantern?",
-             "The lantern is in the porch."),
-            ("Felix went to the attic. Felix grabbed the umbrella. Felix left the umbrella there. Felix "
-             "headed to the studio. Where is the umbrella?", "The umbrella is in the attic.")),
-        "post_prompt": ("Answer with one sentence of the form: The <object> is in the <location>. Write "
-                        "nothing else after it."),
-    },
-    "qa3": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about people moving "
-            "between places and picking up or dropping objects, followed by a question about where an "
-            "object was before it reached a given place. Use only those statements and follow the "
-            "object's path step by step."),
-        "examples": _examples(
-            ("Nadia picked up the lantern. Nadia walked to the porch. Nadia went to the attic. Where was "
-             "the lantern before the attic?", "Before the attic the lantern was in the porch."),
-            ("Felix took the umbrella in the studio. Felix travelled to the cellar. Felix dropped the "
-             "umbrella. Felix went to the garage. Where was the umbrella before the cellar?",
-             "Before the cellar the umbrella was in the studio.")),
-        "post_prompt": ("Answer with one sentence of the form: Before the <place> the <object> was in the "
-                        "<location>. Write nothing else after it."),
-    },
-    "qa4": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it that say how places lie "
-            "relative to each other, followed by a question. Use only those statements."),
-        "examples": _examples(
-            ("The attic is east of the studio. The porch is west of the studio. What is west of the "
-             "studio?", "porch"),
-            ("The cellar is south of the garage. The library is east of the garage. What is the garage "
-             "north of?", "cellar")),
-        "post_prompt": "Answer with a single word, the place. Write nothing else.",
-    },
-    "qa5": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about people picking up "
-            "objects and passing them to one another, followed by a question. Use only those statements."),
-        "examples": _examples(
-            ("Oscar picked up the lamp. Oscar handed the lamp to Petra. Petra passed the lamp to Quinn. "
-             "Who gave the lamp to Quinn?", "Petra"),
-            ("Rosa took the book. Rosa gave the book to Sami. What did Rosa give to Sami?", "book")),
-        "post_prompt": "Answer with a single word, a person's name or an object. Write nothing else.",
-    },
-    "qa6": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about where people go, "
-            "followed by a yes-or-no question about where someone is now. Use only those statements; a "
-            "person is in the last place they went to."),
-        "examples": _examples(
-            ("Olivia walked into the attic. Olivia ran to the library. Is Olivia in the attic?", "no"),
-            ("Marcus headed to the porch. Theo moved to the garage. Is Marcus in the porch?", "yes")),
-        "post_prompt": "Answer with a single word, yes or no. Write nothing else.",
-    },
-    "qa7": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about people picking up, "
-            "handing over and dropping objects, followed by a question about how many objects someone "
-            "holds. Use only those statements."),
-        "examples": _examples(
-            ("Nadia picked up the lantern. Nadia grabbed the umbrella. Nadia put down the lantern. How "
-             "many objects is Nadia carrying?", "one"),
-            ("Felix took the book. Felix gave the book to Rosa. How many objects is Felix carrying?",
-             "none")),
-        "post_prompt": ("Answer with a single word: none, or the number spelled out in letters. Write "
-                        "nothing else."),
-    },
-    "qa8": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about people picking up, "
-            "handing over and dropping objects, followed by a question about what someone holds. Use only "
-            "those statements."),
-        "examples": _examples(
-            ("Nadia picked up the lantern. Nadia grabbed the umbrella. What is Nadia carrying?",
-             "lantern,umbrella"),
-            ("Felix took the book. Felix dropped the book. What is Felix carrying?", "nothing")),
-        "post_prompt": ("Answer with nothing, with one object, or with two objects separated by a comma. "
-                        "Write nothing else."),
-    },
-    "qa9": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about where people are "
-            "or are not, followed by a yes-or-no question. Use only those statements; the latest "
-            "statement about a person is the one that holds."),
-        "examples": _examples(
-            ("Olivia is in the attic. Olivia is no longer in the attic. Is Olivia in the attic?", "no"),
-            ("Marcus is not in the porch. Marcus went to the garage. Is Marcus in the garage?", "yes")),
-        "post_prompt": "Answer with a single word, yes or no. Write nothing else.",
-    },
-    "qa10": {
-        "instruction": (
-            "You will read a long text with a few short statements hidden in it about where people are, "
-            "some of them uncertain, followed by a question. Use only those statements, and answer maybe "
-            "when they leave both answers possible."),
-        "examples": _examples(
-            ("Olivia is either in the attic or the porch. Is Olivia in the attic?", "maybe"),
-            ("Marcus went to the garage. Marcus is either in the cellar or the studio. Is Marcus in the "
-             "garage?", "no")),
-        "post_prompt": "Answer with a single word: yes, no or maybe. Write nothing else.",
-    },
-}
+def load_prompts(path: Path = PROMPTS_FILE) -> dict[str, dict[str, str]]:
+    """The built-in prompts of qa1-qa10: this project's own texts with the benchmark's answer formats,
+    kept beside this script. Their examples use places, names and objects outside the tasks' label sets,
+    so copying an example's answer never scores."""
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+        return {task: {"instruction": p["instruction"],
+                       "examples": "\n\n".join(f"<example>\n{e['story']}\nAnswer: {e['answer']}\n</example>"
+                                                for e in p["examples"]),
+                       "post_prompt": p["post_prompt"]} for task, p in texts.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{PROG}: error: {path}: cannot read the built-in prompts ({type(e).__name__}: {e}); "
+                         f"it ships beside {PROG}") from None
+
+
+PROMPTS = load_prompts()
 
 
 @dataclass
@@ -501,23 +364,6 @@ class LocalData(FileData):
         return {"data_dir": str(self.root.resolve())}
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [""])[0]
-
-
-def _cached_snapshot(repo: str, revision: str) -> Path | None:
-    """The hub cache's snapshot folder of a dataset revision, if it was downloaded before."""
-    folder = Path(hub_constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
-    commit = revision
-    if not re.fullmatch(r"[0-9a-f]{40}", revision):
-        ref = folder / "refs" / revision
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    snapshot = folder / "snapshots" / commit
-    return snapshot if snapshot.is_dir() else None
-
-
 class HubData(FileData):
     """The benchmark's parquet files on the Hugging Face hub, downloaded into (and read from) the hub cache.
 
@@ -533,39 +379,24 @@ class HubData(FileData):
     @property
     def paths(self) -> list[str]:  # listed on first use: a run with every pair done needs no network
         if self._paths is None:
-            self._paths = self._list()
+            self._paths = evaluation.from_hub(
+                lambda: list(huggingface_hub.HfApi().list_repo_files(self.repo, repo_type="dataset",
+                                                                     revision=self.revision)),
+                self.where, "list the dataset on the hub", "use --data-dir / --synthetic", cached=self._cached)
         return self._paths
 
-    def _list(self) -> list[str]:
-        try:
-            return list(huggingface_hub.HfApi().list_repo_files(self.repo, repo_type="dataset",
-                                                                revision=self.revision))
-        except (RepositoryNotFoundError, GatedRepoError) as e:
-            raise EvalError(f"{self.where}: no such dataset on the hub, or no access "
-                            f"({type(e).__name__})") from None
-        except RevisionNotFoundError:
-            raise EvalError(f"{self.where}: the dataset has no revision {self.revision!r}") from None
-        except Exception as e:  # offline, no network, hub down: fall back to the cache
-            snapshot = _cached_snapshot(self.repo, self.revision)
-            if snapshot is None:
-                offline = isinstance(e, OfflineModeIsEnabled)
-                reason = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {_first_line(e)}"
-                raise EvalError(f"{self.where}: cannot list the dataset on the hub ({reason}) and it is not "
-                                f"in the hub cache ({hub_constants.HF_HUB_CACHE}); run once online, or use "
-                                f"--data-dir / --synthetic") from None
-            self.snapshot = snapshot
-            self.where += f" (cached snapshot {snapshot}; the hub was unreachable)"
-            return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    def _cached(self) -> list[str]:
+        self.snapshot = Path(huggingface_hub.snapshot_download(self.repo, repo_type="dataset", revision=self.revision,
+                                                               local_files_only=True))
+        self.where += f" (cached snapshot {self.snapshot}; the hub was unreachable)"
+        return sorted(p.relative_to(self.snapshot).as_posix() for p in self.snapshot.rglob("*") if p.is_file())
 
     def download(self, filename: str) -> Path:
         if self.snapshot is not None:
             return self.snapshot / filename
-        try:
-            return Path(huggingface_hub.hf_hub_download(self.repo, filename, repo_type="dataset",
-                                                        revision=self.revision))
-        except Exception as e:
-            raise EvalError(f"{self.where}: cannot download {filename} ({type(e).__name__}: "
-                            f"{_first_line(e)})") from None
+        return evaluation.from_hub(lambda: Path(huggingface_hub.hf_hub_download(
+            self.repo, filename, repo_type="dataset", revision=self.revision)), self.where, f"get {filename}",
+            "use --data-dir / --synthetic")
 
     def samples(self, task, length, count_tokens):
         return [s for f in self.files(task, length) for s in read_samples(self.download(f))]
@@ -610,12 +441,12 @@ CSV_COLUMNS = ("target", "output", "question")
 def write_predictions(path: Path, rows: list[dict]) -> None:
     """The benchmark's CSV: a leading unnamed index column (as pandas writes it), then target, output,
     question."""
-    write_csv(path, ["", *CSV_COLUMNS], [[i, *(r[c] for c in CSV_COLUMNS)] for i, r in enumerate(rows)])
+    evaluation.write_csv(path, ["", *CSV_COLUMNS], [[i, *(r[c] for c in CSV_COLUMNS)] for i, r in enumerate(rows)])
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """Rows of a predictions CSV (with or without the index column). Empty cells read as ''."""
-    return read_csv(path, CSV_COLUMNS)
+    return evaluation.read_csv(path, CSV_COLUMNS)
 
 
 def score_csv(path: str | os.PathLike, task: str | None = None) -> tuple[int, int]:
@@ -636,8 +467,8 @@ def score_csv(path: str | os.PathLike, task: str | None = None) -> tuple[int, in
 def results_table(results: dict, tasks: list[str], lengths: list[str]) -> str:
     """Markdown: accuracy in % per task (rows) and length (columns), then the mean over the tasks."""
     rows = [(task, results["accuracy"][task]) for task in tasks] + [("mean", results["mean"])]
-    return markdown_table(["task", *lengths], [[name, *(percent(values.get(n)) for n in lengths)]
-                                               for name, values in rows])
+    return evaluation.markdown_table(["task", *lengths], [[name, *(evaluation.percent(values.get(n)) for n in lengths)]
+                                                          for name, values in rows])
 
 
 def collect_results(counts: dict[tuple[str, str], tuple[int, int]], tasks: list[str],
@@ -697,7 +528,7 @@ def pending_pairs(args: argparse.Namespace, setup: Setup, data_record: dict, cou
         prompt = prompts_for(args, task)
         csv_path, json_path = pair_paths(Path(args.out), task, length, prompt)
         record = {"prompt": asdict(prompt), "generate_kwargs": setup.generate_kwargs(), "data": data_record}
-        if is_finished(csv_path, json_path, record):
+        if evaluation.is_finished(csv_path, json_path, record):
             counts[task, length] = score(task, read_predictions(csv_path))
             print(f"{task} {length}: done before, skipped ({csv_path.name})")
         else:
@@ -716,14 +547,14 @@ def load_samples(args: argparse.Namespace, source: DataSource, setup: Setup, tas
     if not samples:
         raise EvalError(f"{task} {length}: the data has no samples")
     ids = encode_prompts(setup, prompt, samples)
-    check_overflow(f"{task} {length}", ids, setup, args.overflow, f"leave out --lengths {length}")
+    evaluation.check_overflow(f"{task} {length}", ids, setup, args.overflow, f"leave out --lengths {length}")
     return samples, ids
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Generate and score every requested (task, length) not already finished in --out; write the
     predictions, results.md and results.json; return the results."""
-    setup = load_setup(args.model, args.max_new_tokens, weights=not args.server)
+    setup = evaluation.load_setup(args.model, args.max_new_tokens, weights=not args.server)
     source = make_source(args)
     out = Path(args.out)
     data_record = {**source.describe(), "max_samples": args.max_samples}
@@ -732,17 +563,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     source.check([(t, n) for t, n, *_ in jobs])
     out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be there
 
-    engine = make_engine(args, setup)  # loads the model on its first use: not at all when all is done
+    engine = evaluation.make_engine(args, setup)  # loads the model on its first use: not at all when all is done
     for task, length, prompt, csv_path, json_path, record in jobs:
         samples, ids = load_samples(args, source, setup, task, length, prompt)
-        outputs = generate_texts(engine, setup, ids, desc=f"{task} {length}")
+        outputs = evaluation.generate_texts(engine, setup, ids, desc=f"{task} {length}")
         rows = [{"target": s["target"], "output": o, "question": s["question"]}
                 for s, o in zip(samples, outputs, strict=True)]
         write_predictions(csv_path, rows)
         counts[task, length] = c, n = score(task, rows)
         files = source.files(task, length) if isinstance(source, FileData) else []
-        write_json(json_path, {**record, "files": files, "model": str(args.model), **engine.describe(),
-                               "samples": n, "accuracy": c / n}, indent=4)
+        evaluation.write_json(json_path, {**record, "files": files, "model": str(args.model), **engine.describe(),
+                                          "samples": n, "accuracy": c / n}, indent=4)
         print(f"{task} {length}: accuracy {c / n:.3f} ({c}/{n}) -> {csv_path}")
     return write_results(args, setup, counts, data_record)
 
@@ -758,8 +589,8 @@ def write_results(args: argparse.Namespace, setup: Setup, counts: dict, data_rec
                "data": data_record, **results}
     header = (f"BABILong accuracy (%) of {args.model}\n\nprompt: {', '.join(names)}; data: "
               f"{json.dumps(data_record)}; greedy, at most {setup.max_new_tokens} new tokens")
-    atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
-    write_json(out / "results.json", results)
+    evaluation.atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
+    evaluation.write_json(out / "results.json", results)
     print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
     return results
 
@@ -767,35 +598,12 @@ def write_results(args: argparse.Namespace, setup: Setup, counts: dict, data_rec
 def benchmark(args: argparse.Namespace) -> dict:
     """Samples/s of batched generation against one prompt at a time, on the first (task, length)."""
     args.max_samples = args.max_samples or 16
-    setup = load_setup(args.model, args.max_new_tokens, weights=not args.server)
+    setup = evaluation.load_setup(args.model, args.max_new_tokens, weights=not args.server)
     source = make_source(args)
     task, length = args.tasks[0], args.lengths[0]
     source.check([(task, length)])
     _, ids = load_samples(args, source, setup, task, length, prompts_for(args, task))
-    engine = make_engine(args, setup)
-    model = engine.model
-    print(f"benchmark: {len(ids)} prompts of {task} {length} (mean {sum(map(len, ids)) / len(ids):.0f} "
-          f"tokens), up to {setup.max_new_tokens} new tokens, {model.device} {engine.dtype}")
-    generate_batched(model, ids[:1], 1, setup.max_new_tokens, setup.eos, args.prefill_chunk)  # warm-up
-    # Alternate the two settings for a few rounds and keep each one's best: on a shared machine both
-    # then see the same load, and the minimum is the least noisy estimate.
-    sizes = sorted({1, args.batch_size})
-    seconds, outputs = {bs: [] for bs in sizes}, {}
-    for _ in range(BENCHMARK_ROUNDS):
-        for bs in sizes:
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            outputs[bs] = generate_batched(model, ids, bs, setup.max_new_tokens, setup.eos, args.prefill_chunk)
-            seconds[bs].append(time.perf_counter() - t0)
-    report = {bs: len(ids) / min(seconds[bs]) for bs in sizes}
-    for bs in sizes:
-        print(f"batch size {bs:>3}: {min(seconds[bs]):8.2f} s, {report[bs]:8.2f} samples/s"
-              + (f" ({report[bs] / report[1]:.1f}x)" if bs != 1 else "")
-              + f"   (best of {BENCHMARK_ROUNDS} alternating rounds)")
-    same = outputs[1] == outputs[args.batch_size]
-    print(f"identical outputs batched and one at a time: {'yes' if same else 'no'}")
-    return {"samples_per_s": report, "identical": same}
+    return evaluation.benchmark_batching(evaluation.make_engine(args, setup), ids, f"{task} {length}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,10 +611,9 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, out_help="results folder of this model: a predictions CSV and JSON per task and length, "
-                                "results.md, results.json; finished (task, length) pairs are skipped on a rerun")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_common_args(p, out_help="results folder of this model: a predictions CSV and JSON per task and "
+                               "length, results.md, results.json; finished (task, length) pairs are skipped on a rerun")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="qaN",
                    help="tasks to evaluate (default: qa1-qa5; built-in prompts for qa1-qa10, the others "
                         "need --prompt-config)")
@@ -851,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Check the flags before anything is loaded; raises EvalError naming the flag."""
-    check_common_args(args, need_out=not args.benchmark)
+    evaluation.check_common_args(args, need_out=not args.benchmark)
     for task in args.tasks:
         if task not in TASK_LABELS:
             raise EvalError(f"--tasks: unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
@@ -859,7 +666,7 @@ def validate(args: argparse.Namespace) -> None:
         if length not in LENGTHS:
             raise EvalError(f"--lengths: unknown length {length!r} (the benchmark's: {' '.join(LENGTHS)})")
     args.tasks, args.lengths = list(dict.fromkeys(args.tasks)), list(dict.fromkeys(args.lengths))
-    check_positive(args, "max_samples", "max_new_tokens")
+    evaluation.check_positive(args, "max_samples", "max_new_tokens")
     if args.task:
         raise EvalError("--task goes with --score-csv; use --tasks to choose what to evaluate")
     if args.benchmark and args.server:

@@ -42,14 +42,6 @@ from pathlib import Path, PurePosixPath
 import huggingface_hub
 import numpy as np
 import tokenizers
-from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import (
-    EntryNotFoundError,
-    GatedRepoError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from tqdm import tqdm
 
 import data
@@ -493,23 +485,9 @@ class FolderData:
 def hub_zip(repo: str, revision: str) -> Path:
     """data.zip from the hub, through (and with HF_HUB_OFFLINE=1 or no network, from) the hub cache."""
     where = f"--dataset {repo}" + (f" --revision {revision}" if revision != "main" else "")
-    try:
-        return Path(huggingface_hub.hf_hub_download(repo, HUB_FILE, repo_type="dataset", revision=revision))
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise EvalError(f"{where}: no such dataset on the hub, or no access ({type(e).__name__})") from None
-    except RevisionNotFoundError:
-        raise EvalError(f"{where}: the dataset has no revision {revision!r}") from None
-    except LocalEntryNotFoundError:  # offline (or the hub unreachable) and not cached: handled below
-        pass
-    except EntryNotFoundError:
-        raise EvalError(f"{where}: the dataset has no {HUB_FILE} (LongBench v1's data file)") from None
-    except Exception as e:  # anything else (hub down, bad token, ...): one line, no traceback
-        raise EvalError(f"{where}: cannot get {HUB_FILE} ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0]})") from None
-    reason = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub is unreachable"
-    raise EvalError(f"{where}: cannot get {HUB_FILE} ({reason}) and it is not in the hub cache "
-                    f"({hub_constants.HF_HUB_CACHE}); run once online, or pass --data-dir with LongBench's "
-                    f"<task>.jsonl files")
+    return evaluation.from_hub(lambda: Path(huggingface_hub.hf_hub_download(
+        repo, HUB_FILE, repo_type="dataset", revision=revision)), where, f"get {HUB_FILE}",
+        "pass --data-dir with LongBench's <task>.jsonl files")
 
 
 DataSource = ZipData | FolderData  # .where (for messages), .check(tasks), .samples(task), .describe()

@@ -595,7 +595,7 @@ def load_tokenizer(name: str) -> tokenizers.Tokenizer:
             path = Path(huggingface_hub.snapshot_download(name, allow_patterns=["tokenizer*.json"]))
         except Exception as e:  # network, auth, missing repo, offline without a cache: one message
             raise EvalError(f"--tokenizer {name}: not a folder, and the hub download failed: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                            f"{evaluation.one_line(e)}") from None
     if not path.is_dir():
         raise EvalError(f"--tokenizer {name}: no such folder (and not a hub id of the form org/name)")
     return evaluation.load_tokenizer(path, f"--tokenizer {name}")

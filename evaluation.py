@@ -58,20 +58,31 @@ import csv
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import tokenizers
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from tqdm import tqdm
 
 import data
 import qwen2
 
+T = TypeVar("T")
 SERVER_TIMEOUT_S = 3600.0  # one completion at 128K tokens of context can take minutes on a busy server
 
 
@@ -179,6 +190,35 @@ def check_overflow(where: str, prompts: list[list[int]], setup: Setup, policy: s
         raise EvalError(f"{what}; pass --overflow run to generate past the trained positions anyway, or "
                         f"{remedy}")
     tqdm.write(f"warning: {what}; generating anyway (--overflow run)")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as `Type: first line of its message` (hub errors run over many lines)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def from_hub(call: Callable[[], T], where: str, what: str, remedy: str, cached: Callable[[], T] | None = None) -> T:
+    """`call()`, a huggingface_hub request about the dataset of `where` ('--dataset R --revision V'), its
+    failures one line saying `what` failed ('get data.zip'). Offline (HF_HUB_OFFLINE=1), or with the hub
+    unreachable, `cached()` answers from the hub cache when given; with nothing cached the line says how
+    to go on without the hub (`remedy`: 'pass --data-dir ...')."""
+    try:
+        return call()
+    except RepositoryNotFoundError as e:  # GatedRepoError is one
+        raise EvalError(f"{where}: no such dataset on the hub, or no access ({type(e).__name__})") from None
+    except RevisionNotFoundError:
+        raise EvalError(f"{where}: the dataset has no such revision") from None
+    except Exception as e:  # offline, no network, hub down, a file not there, ...
+        if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
+            raise EvalError(f"{where}: cannot {what} (the dataset has no such file)") from None
+        if cached is not None:
+            with contextlib.suppress(LocalEntryNotFoundError):
+                return cached()
+        offline = hub_constants.HF_HUB_OFFLINE or isinstance(e, OfflineModeIsEnabled)
+        reason = ("HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+                  if isinstance(e, LocalEntryNotFoundError) else one_line(e))
+        raise EvalError(f"{where}: cannot {what} ({reason}) and it is not in the hub cache "
+                        f"({hub_constants.HF_HUB_CACHE}); run once online, or {remedy}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +498,37 @@ def generate_texts(engine: Engine, setup: Setup, prompts: list[list[int]], desc:
     with tqdm(total=len(prompts), desc=desc, unit="sample", leave=False) as bar:
         new = engine.generate(prompts, max_new_tokens or setup.max_new_tokens, progress=bar)
     return [setup.decode(ids) for ids in new]
+
+
+def benchmark_batching(engine: LocalEngine, prompts: list[list[int]], what: str, rounds: int = 3) -> dict:
+    """Samples/s of the built-in model decoding `prompts` in batches of its batch size against one at a
+    time (printed, and returned with whether both gave the same outputs). The two settings alternate for
+    a few rounds and each keeps its best: on a shared machine both see the same load, and the minimum is
+    the least noisy estimate."""
+    model, setup, batch = engine.model, engine.setup, engine.batch_size
+
+    def generate(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+        return generate_batched(model, prompts, batch_size, setup.max_new_tokens, setup.eos, engine.prefill_chunk)
+
+    print(f"benchmark: {len(prompts)} prompts of {what} (mean {sum(map(len, prompts)) / len(prompts):.0f} "
+          f"tokens), up to {setup.max_new_tokens} new tokens, {model.device} {engine.dtype}")
+    generate(prompts[:1], 1)  # warm-up
+    sizes = sorted({1, batch})
+    seconds, outputs = {bs: [] for bs in sizes}, {}
+    for _ in range(rounds):
+        for bs in sizes:
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outputs[bs] = generate(prompts, bs)
+            seconds[bs].append(time.perf_counter() - t0)
+    report = {bs: len(prompts) / min(seconds[bs]) for bs in sizes}
+    for bs in sizes:
+        print(f"batch size {bs:>3}: {min(seconds[bs]):8.2f} s, {report[bs]:8.2f} samples/s"
+              + (f" ({report[bs] / report[1]:.1f}x)" if bs != 1 else "") + f"   (best of {rounds} alternating rounds)")
+    same = outputs[1] == outputs[batch]
+    print(f"identical outputs batched and one at a time: {'yes' if same else 'no'}")
+    return {"samples_per_s": report, "identical": same}
 
 
 # ----------------------------------------------------------------------------------------------
