@@ -217,14 +217,11 @@ def load_prompt_config(path: str | os.PathLike) -> tuple[PromptConfig, dict]:
     if not isinstance(d, dict) or not isinstance(d.get("prompt"), dict):
         raise EvalError(f"--prompt-config {path}: expected an object with a \"prompt\" object "
                         f"(the benchmark's format: {{\"prompt\": {{...}}, \"generate_kwargs\": {{...}}}})")
-    p, fields = d["prompt"], {}
-    for key in ("instruction", "examples", "post_prompt", "template", "system_prompt"):
-        value = p.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise EvalError(f"--prompt-config {path}: prompt.{key} must be a string")
-        fields[key] = value
+    p = d["prompt"]
+    fields = {k: p[k] for k in ("instruction", "examples", "post_prompt", "template", "system_prompt")
+              if p.get(k) is not None}
+    for key in (k for k, v in fields.items() if not isinstance(v, str)):
+        raise EvalError(f"--prompt-config {path}: prompt.{key} must be a string")
     chat = p.get("chat_template", False)
     if not isinstance(chat, bool):
         raise EvalError(f"--prompt-config {path}: prompt.chat_template must be true or false")
@@ -273,19 +270,6 @@ def match_data_files(paths: list[str], task: str, length: str) -> list[str]:
     return sorted(groups[min(groups, key=rank)])
 
 
-def _available(paths: list[str]) -> str:
-    names = set().union(*(_path_names(p) for p in paths if p.endswith(DATA_SUFFIXES))) if paths else set()
-    lengths = [x for x in LENGTHS if x in names]
-    tasks = [x for x in TASKS if x in names]
-    return f"lengths there: {' '.join(lengths) or 'none'}; tasks there: {' '.join(tasks) or 'none'}"
-
-
-def _missing_pair(where: str, task: str, length: str, paths: list[str]) -> EvalError:
-    return EvalError(f"{where}: no data file for {task} at {length} (looked for a .parquet or .jsonl path "
-                     f"naming both, e.g. {length}/{task}/0000.parquet, {length}/{task}-00000-of-00001"
-                     f".parquet or {length}/{task}.jsonl, among {len(paths)} files; {_available(paths)})")
-
-
 def read_samples(path: Path) -> list[Sample]:
     """Rows with the benchmark's fields from a parquet or JSONL file."""
     fields = ("input", "question", "target")
@@ -299,19 +283,8 @@ def read_samples(path: Path) -> list[Sample]:
         except (pyarrow.ArrowException, OSError) as e:
             raise EvalError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
     else:
-        rows = []
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
-                missing = [k for k in fields if not isinstance(row, dict) or k not in row]
-                if missing:
-                    raise EvalError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-                rows.append(row)
+            rows = [row for _, row in evaluation.jsonl_rows(f, str(path), fields)]
     return [{k: "" if r[k] is None else str(r[k]) for k in fields} for r in rows]
 
 
@@ -338,12 +311,24 @@ class FileData(DataSource):
     def files(self, task: str, length: str) -> list[str]:
         found = match_data_files(self.paths, task, length)
         if not found:
-            raise _missing_pair(self.where, task, length, self.paths)
+            names = set().union(*(_path_names(p) for p in self.paths if p.endswith(DATA_SUFFIXES)))
+            there = [" ".join(x for x in known if x in names) or "none" for known in (LENGTHS, TASKS)]
+            raise EvalError(f"{self.where}: no data file for {task} at {length} (looked for a .parquet or .jsonl "
+                            f"path naming both, e.g. {length}/{task}/0000.parquet, {length}/{task}-00000-of-00001"
+                            f".parquet or {length}/{task}.jsonl, among {len(self.paths)} files; lengths there: "
+                            f"{there[0]}; tasks there: {there[1]})")
         return found
 
     def check(self, pairs):
         for task, length in pairs:
             self.files(task, length)
+
+    def local(self, filename: str) -> Path:
+        """The file on this machine (downloaded if need be)."""
+        raise NotImplementedError
+
+    def samples(self, task, length, count_tokens):
+        return [s for f in self.files(task, length) for s in read_samples(self.local(f))]
 
 
 class LocalData(FileData):
@@ -357,8 +342,8 @@ class LocalData(FileData):
         self.paths = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
                             if p.is_file() and p.suffix in DATA_SUFFIXES)
 
-    def samples(self, task, length, count_tokens):
-        return [s for f in self.files(task, length) for s in read_samples(self.root / f)]
+    def local(self, filename):
+        return self.root / filename
 
     def describe(self):
         return {"data_dir": str(self.root.resolve())}
@@ -391,15 +376,12 @@ class HubData(FileData):
         self.where += f" (cached snapshot {self.snapshot}; the hub was unreachable)"
         return sorted(p.relative_to(self.snapshot).as_posix() for p in self.snapshot.rglob("*") if p.is_file())
 
-    def download(self, filename: str) -> Path:
+    def local(self, filename):
         if self.snapshot is not None:
             return self.snapshot / filename
         return evaluation.from_hub(lambda: Path(huggingface_hub.hf_hub_download(
             self.repo, filename, repo_type="dataset", revision=self.revision)), self.where, f"get {filename}",
             "use --data-dir / --synthetic")
-
-    def samples(self, task, length, count_tokens):
-        return [s for f in self.files(task, length) for s in read_samples(self.download(f))]
 
     def describe(self):
         return {"dataset": self.repo, "revision": self.revision}
@@ -589,9 +571,7 @@ def write_results(args: argparse.Namespace, setup: Setup, counts: dict, data_rec
                "data": data_record, **results}
     header = (f"BABILong accuracy (%) of {args.model}\n\nprompt: {', '.join(names)}; data: "
               f"{json.dumps(data_record)}; greedy, at most {setup.max_new_tokens} new tokens")
-    evaluation.atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
-    evaluation.write_json(out / "results.json", results)
-    print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
+    evaluation.save_results(out, header, table, results)
     return results
 
 

@@ -389,19 +389,7 @@ def parse_samples(lines: Iterable[str], where: str) -> list[dict]:
     """LongBench's records (input, context, answers, length, all_classes, ...) from JSON lines; one clear
     error naming the file and line for a record the evaluation could not use."""
     samples = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{where}:{n}: not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise EvalError(f"{where}:{n}: expected a JSON object")
-        missing = [k for k in ("input", "context", "answers") if k not in row]
-        if missing:
-            raise EvalError(f"{where}:{n}: missing field(s) {', '.join(missing)} (LongBench's records have "
-                            f"input, context, answers, length, all_classes)")
+    for n, row in evaluation.jsonl_rows(lines, where, ("input", "context", "answers")):
         if not isinstance(row["input"], str) or not isinstance(row["context"], str):
             raise EvalError(f"{where}:{n}: input and context must be strings")
         answers = row["answers"]
@@ -519,13 +507,7 @@ def read_prediction_rows(path: Path) -> list[dict]:
     """A <task>.jsonl of predictions (ours or LongBench's pred/<model>/), checked field by field."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
+        for n, row in evaluation.jsonl_rows(f, str(path)):
             if not isinstance(row, dict) or not isinstance(row.get("pred"), str) or not isinstance(
                     row.get("answers"), list):
                 raise EvalError(f"{path}:{n}: expected LongBench's prediction record with a string pred and a "

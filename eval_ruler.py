@@ -751,11 +751,9 @@ def write_results(args: argparse.Namespace, scores: dict[tuple[str, str], float]
         f"generated, {args.num_samples} samples per task and length, seed {args.seed}"
     header = (f"RULER (string_match_all, %) of {args.model}\n\n{'chat' if args.chat_template else 'base'} "
               f"prompts; data: {source}; greedy")
-    evaluation.atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
     results = {"model": str(args.model), "chat_template": args.chat_template, "data": source,
                "scores": {task: {x: scores[task, x] for x in lengths} for task in tasks}}
-    evaluation.write_json(out / "results.json", results)
-    print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
+    evaluation.save_results(out, header, table, results)
     return results
 
 

@@ -19,9 +19,12 @@ eval_babilong.py, eval_ruler.py, eval_longbench.py and eval_gpqa.py are built on
 - the command line: `add_common_args(parser)` adds --model, --out, --batch-size, --dtype, --device,
   --prefill-chunk, --overflow, --server and --server-model; `check_common_args(args)` checks them, naming
   the flag;
+- data: `from_hub` (a hub dataset request whose failures are one line, with the hub cache offline),
+  `jsonl_rows` (JSON lines checked line by line);
 - files: `atomic_write`, `write_json`, `write_jsonl`, `read_jsonl`, `write_csv`, `read_csv` (a killed run
   never leaves half a file), `is_finished` (resume: a result counts only if it was made with the same
-  settings), `markdown_table` and `percent` for results tables;
+  settings), `markdown_table`, `percent` and `save_results` (results.md and results.json);
+  `benchmark_batching` measures batched decoding against one prompt at a time;
 - `main(prog, parser, run, argv, resume_note)`: parses, runs, and turns EvalError, CheckpointError, OSError
   and Ctrl-C into one line on stderr, never a traceback.
 
@@ -62,7 +65,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -622,17 +625,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def jsonl_rows(lines: Iterable[str], where: str, fields: tuple[str, ...] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, value) of each non-blank line of JSON lines; with `fields`, each value must be an
+    object holding them. A bad line is an EvalError naming `where` and the line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{where}:{n}: not valid JSON ({e})") from None
+        if fields is not None:
+            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise EvalError(f"{where}:{n}: missing field(s) {', '.join(missing)} (expected {', '.join(fields)})")
+        yield n, row
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows of a JSONL file; a bad line is an EvalError naming file and line."""
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
-    return rows
+        return [row for _, row in jsonl_rows(f, str(path))]
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -682,6 +695,13 @@ def is_finished(result_path: Path, meta_path: Path, record: dict,
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(saved, dict) and all(saved.get(k) == record[k] for k in keys)
+
+
+def save_results(out: Path, header: str, table: str, results: dict) -> None:
+    """results.md (the header, then the markdown table) and results.json in `out`; the table is printed."""
+    atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
+    write_json(out / "results.json", results)
+    print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
 
 
 def percent(value: float | None) -> str:
