@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 import bench
@@ -13,6 +14,7 @@ TINY = ["--hidden", "64", "--intermediate", "96", "--layers", "4", "--heads", "4
         "--vocab", "2000", "--seq", "256", "--repeats", "2", "--warmup", "1"]
 
 
+@pytest.mark.slow
 def test_bench_json_has_every_key():
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), *TINY, "--json"], capture_output=True,
                             text=True, timeout=300)

@@ -42,6 +42,7 @@ def metrics_rows(bilevel: bool, steps: int = 4, step_s: float = 0.5) -> list[dic
 # End to end
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end_and_prints_the_full_table(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "TQDM_DISABLE": "1"}

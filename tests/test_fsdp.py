@@ -10,6 +10,8 @@ from test_resume import ENV, SLOW, assert_bitwise_equal, command, kill_when, pat
 
 import qwen2
 
+pytestmark = pytest.mark.slow  # every test here launches training processes
+
 
 @pytest.mark.parametrize("method", [[], ["--no-bilevel", "--causal"]], ids=["focusft", "sft"])
 def test_fsdp_trains_like_ddp(tiny, tmp_path, method):

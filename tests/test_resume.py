@@ -1,5 +1,6 @@
 """Long runs survive faults: exact resume after SIGKILL, atomic checkpoints, SIGTERM, non-finite steps,
-a dying rank, failing disks. Each test drives the real CLI in subprocesses."""
+a dying rank, failing disks. Each test drives the real CLI in subprocesses (marked slow), except the
+checks that end before training, which call focusft.main in-process."""
 
 import json
 import os
@@ -30,6 +31,21 @@ def command(tiny, out: Path, *extra: str, nproc: int = 1, script: Path | None = 
 
 def run(cmd, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def run_in_process(capsys, cmd: list[str]) -> tuple[int, str, str]:
+    """A one-process command that ends before training (an error, a finished run) run as
+    focusft.main(argv) in this process: (exit status, stdout, stderr), no interpreter start-up."""
+    import focusft
+
+    assert cmd[0] == sys.executable and cmd[1] == str(ROOT / "focusft.py")
+    try:
+        focusft.main(cmd[2:])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def patched(tmp_path: Path, code: str, before_import: bool = False) -> Path:
@@ -113,6 +129,7 @@ def reference(tiny, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path, reference, nproc):
     out = tmp_path / "run"
@@ -145,6 +162,7 @@ safetensors.torch.save_file = save_file
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save", ["step-000004", "final"], ids=["training-checkpoint", "final-export"])
 def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny, tmp_path, reference, save):
     """SIGKILL half way through writing a checkpoint's weights: the newest complete checkpoint
@@ -168,28 +186,30 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny, tmp_path, refere
     assert losses(out) == losses(reference[1])
 
 
-def test_keep_and_finished_run(tiny, reference):
+@pytest.mark.slow
+def test_keep_and_finished_run(tiny, reference, capsys):
     out = reference[1]
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["step-000003", "step-000004", "step-000005"]  # --keep 3, no checkpoint at the end
     # A checkpoint is an HF checkpoint too.
     assert qwen2.from_pretrained(out / "checkpoints" / "step-000005").config.num_hidden_layers == 4
-    again = run(command(tiny, out))
-    assert again.returncode == 0 and "finished" in again.stdout and "nothing to do" in again.stdout
+    code, stdout, _ = run_in_process(capsys, command(tiny, out))
+    assert code == 0 and "finished" in stdout and "nothing to do" in stdout
 
 
-def test_resume_refuses_other_settings(tiny, reference):
-    result = run(command(tiny, reference[1], "--seed", "7"))
-    assert result.returncode == 1
-    assert "holds a run with other settings: --seed 1234 (now 7)" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    result = run(command(tiny, reference[2]))  # written by 2 processes, resumed by 1
-    assert result.returncode == 1 and "resume it with the same number (now 1)" in result.stderr
+@pytest.mark.slow
+def test_resume_refuses_other_settings(tiny, reference, capsys):
+    code, _, err = run_in_process(capsys, command(tiny, reference[1], "--seed", "7"))
+    assert code == 1
+    assert "holds a run with other settings: --seed 1234 (now 7)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_in_process(capsys, command(tiny, reference[2]))  # written by 2 processes, resumed by 1
+    assert code == 1 and "resume it with the same number (now 1)" in err
 
 
-def test_resume_flag_without_checkpoint(tiny, tmp_path):
-    result = run(command(tiny, tmp_path / "fresh", "--resume"))
-    assert result.returncode == 1 and "--resume: no training checkpoint in" in result.stderr
+def test_resume_flag_without_checkpoint(tiny, tmp_path, capsys):
+    code, _, err = run_in_process(capsys, command(tiny, tmp_path / "fresh", "--resume"))
+    assert code == 1 and "--resume: no training checkpoint in" in err
     assert not (tmp_path / "fresh").exists()
 
 
@@ -270,9 +290,10 @@ def wait_for(condition, proc, what: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("nproc, sig, to_rank", [(1, signal.SIGTERM, 0), (1, signal.SIGINT, 0),
-                                                 pytest.param(2, signal.SIGTERM, 1, marks=pytest.mark.slow)],
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, sig, to_rank", [(1, signal.SIGTERM, 0), (1, signal.SIGINT, 0), (2, signal.SIGTERM, 1)],
                          ids=["sigterm", "sigint", "torchrun-sigterm-to-rank1"])
+@pytest.mark.slow
 def test_signal_finishes_the_step_checkpoints_and_exits_zero(tiny, tmp_path, reference, nproc, sig, to_rank):
     """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) alike: the step in progress finishes,
     a checkpoint is written, exit 0, and the resumed run ends bitwise equal to the uninterrupted
@@ -299,6 +320,7 @@ def test_signal_finishes_the_step_checkpoints_and_exits_zero(tiny, tmp_path, ref
     assert losses(out) == losses(reference[nproc])
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(tiny, tmp_path, reference):
     """Ctrl-C twice: the run stops inside the held step (which never finishes), writes nothing,
     and the checkpoints written before stay loadable and resume exactly."""
@@ -333,6 +355,7 @@ focusft.focusft_step = step
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_non_finite_step_is_skipped_on_every_rank(tiny, tmp_path, nproc):
     out = tmp_path / "run"
@@ -348,6 +371,7 @@ def test_non_finite_step_is_skipped_on_every_rank(tiny, tmp_path, nproc):
     assert "step 2: non-finite loss or gradient norm, optimizer step skipped" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_too_many_bad_steps_stop_with_a_clear_error(tiny, tmp_path):
     out = tmp_path / "run"
     always = ("original = focusft.focusft_step\n"
@@ -364,6 +388,7 @@ def test_too_many_bad_steps_stop_with_a_clear_error(tiny, tmp_path):
     assert_bitwise_equal(out / "checkpoints" / "step-000003", tiny.model)  # nothing was ever applied
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_stops_the_others(tiny, tmp_path):
     raising = ("original = focusft.focusft_step\n"
                "def step(*a, **k):\n"
@@ -393,6 +418,7 @@ qwen2.save_weights = save
 """
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_previous_checkpoint_and_training_goes_on(tiny, tmp_path):
     out = tmp_path / "run"
     env = {**ENV, "FULL_ON": "step-000004"}
@@ -405,6 +431,7 @@ def test_disk_full_keeps_previous_checkpoint_and_training_goes_on(tiny, tmp_path
     assert names == ["step-000002", "step-000003", "step-000005"] and (out / "final").is_dir()
 
 
+@pytest.mark.slow
 def test_disk_full_on_the_final_export_keeps_the_weights(tiny, tmp_path):
     out = tmp_path / "run"
     env = {**ENV, "FULL_ON": "final"}

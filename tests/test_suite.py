@@ -27,6 +27,7 @@ def test_missing_tokenizer_is_a_skip_for_a_developer_and_a_failure_in_ci(monkeyp
     assert kind is pytest.fail.Exception and "required when CI is set" in message
 
 
+@pytest.mark.slow
 def test_chat_template_tests_fail_in_ci_without_the_tokenizer(tmp_path):
     """Through pytest itself, on chat-template tests: skipped for a developer, failed with CI set."""
     selection = ["tests/test_data.py::test_loss_mask_hand_checked_ids",
