@@ -79,7 +79,10 @@ MAX_NEW_TOKENS = 20
 
 
 def length_tokens(length: str) -> int:
-    """Nominal context size of a split name: '4k' -> 4096, '1M' -> 1048576."""
+    """Nominal context size of a split name: '4k' -> 4096, '1M' -> 1048576; a plain number (--synthetic
+    only, for models smaller than the benchmark's shortest split) is the token count itself: '512' -> 512."""
+    if length.isdigit():
+        return int(length)
     return int(length[:-1]) * (1024 if length[-1] == "k" else 1024 * 1024)
 
 
@@ -599,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "need --prompt-config)")
     p.add_argument("--lengths", nargs="+", default=list(DEFAULT_LENGTHS), metavar="LEN",
                    help=f"context lengths, the benchmark's split names: {' '.join(LENGTHS)} "
-                        f"(default: {' '.join(DEFAULT_LENGTHS)})")
+                        f"(default: {' '.join(DEFAULT_LENGTHS)}); with --synthetic also a token count such as 512")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", default="RMT-team/babilong", metavar="REPO",
                      help="hub dataset (default: RMT-team/babilong, 100 samples per task and length; "
@@ -643,6 +646,8 @@ def validate(args: argparse.Namespace) -> None:
         if task not in TASK_LABELS:
             raise EvalError(f"--tasks: unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
     for length in args.lengths:
+        if args.synthetic and length.isdigit() and int(length) > 0:
+            continue  # a token count: the synthetic data can be built at any length
         if length not in LENGTHS:
             raise EvalError(f"--lengths: unknown length {length!r} (the benchmark's: {' '.join(LENGTHS)})")
     args.tasks, args.lengths = list(dict.fromkeys(args.tasks)), list(dict.fromkeys(args.lengths))

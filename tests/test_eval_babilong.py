@@ -337,6 +337,14 @@ def test_hub_offline_uses_the_cache(tmp_path, monkeypatch):
         source.check([("qa2", "4k")])
 
 
+def test_synthetic_token_count_lengths():
+    # A plain number is a token count (for models below the benchmark's shortest split); names keep their sizes.
+    assert ev.length_tokens("512") == 512 and ev.length_tokens("1k") == 1024
+    count = ev.data.estimate_tokens
+    lengths = [count(s["input"]) for s in ev.SyntheticData(count=2).samples("qa1", "300", count)]
+    assert all(280 <= n <= 320 for n in lengths), lengths
+
+
 def test_synthetic_is_deterministic(tiny_model):
     count = evaluation.load_tokenizer(tiny_model, "--model").encode
     n_tokens = lambda text: len(count(text, add_special_tokens=False).ids)
@@ -532,6 +540,8 @@ def test_cli_errors(tiny_model, tmp_path):
     base = ["--model", tiny_model, "--out", tmp_path / "out", "--synthetic"]
     expect_error([*base, "--tasks", "qa21"], "--tasks: unknown task 'qa21'")
     expect_error([*base, "--lengths", "3k"], "--lengths: unknown length '3k'", "0k 1k 2k")
+    expect_error([*base[:-1], "--lengths", "512"], "--lengths: unknown length '512'")  # counts: --synthetic only
+    expect_error([*base, "--lengths", "0"], "--lengths: unknown length '0'")
     expect_error([*base, "--tasks", "qa6"], "--synthetic builds", "not qa6")
     expect_error([*base, "--batch-size", "0"], "--batch-size must be at least 1")
     expect_error([*base, "--server", "localhost:8000"], "--server localhost:8000: expected an http(s) URL")

@@ -1,0 +1,77 @@
+"""experiments/replicate.py: its statistics, and --quick end to end (every stage, then a resumed rerun)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_replicate():
+    spec = importlib.util.spec_from_file_location("replicate", ROOT / "experiments" / "replicate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["replicate"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+replicate = load_replicate()
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775.
+    assert replicate.wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert replicate.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+
+def test_difference_interval_matches_newcombe():
+    # Newcombe (1998), Statistics in Medicine 17:873, method 10: 56/70 - 48/80 -> 0.0524 to 0.3339.
+    d, lo, hi = replicate.diff_interval(56, 70, 48, 80)
+    assert (d, lo, hi) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+
+
+def test_base_rule_takes_the_strongest_sink_among_models_that_read():
+    def run(sink, acc):
+        return {"curve": [{"sink_mass": sink, "uniform": 0.1, "short_accuracy": acc}]}
+    # 'c' has the largest sink but reads far worse than the best: the rule skips it.
+    assert replicate.choose_base({"a": run(0.1, 0.9), "b": run(0.2, 0.8), "c": run(0.5, 0.3)}) == "b"
+
+
+@pytest.mark.slow
+def test_quick_runs_every_stage_and_resumes(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert replicate.main(["--out", str(out), "--quick"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert {"settings", "command", "times_s", "missing", "pretrain", "base", "accuracy", "diagnostics"} <= set(result)
+    assert result["missing"] == []
+    assert set(result["pretrain"]) == set(replicate.RECIPES)
+    assert result["base"] in replicate.RECIPES
+    assert set(result["accuracy"]) == set(replicate.VARIANTS)
+    lengths = replicate.eval_lengths(replicate.SIZES["quick"])
+    for v in replicate.VARIANTS:
+        assert set(result["accuracy"][v]["pooled"]) == set(lengths)
+        assert all(n > 0 for _, n in result["accuracy"][v]["pooled"].values())
+        assert result["diagnostics"][v][0][0]["sink_mass"] >= 0
+    for curve in (r["curve"] for r in result["pretrain"].values()):
+        assert {"step", "sink_mass", "uniform", "short_accuracy"} <= set(curve[-1])
+    report = (out / "report.md").read_text()
+    assert "## Protocol" in report and "Status: complete." in report and "FocuSFT" in report
+    try:
+        import matplotlib  # noqa: F401
+        figures = ["pretraining.png", "accuracy.png", "diagnostics.png", "attention_map.png"]
+        assert all((out / "figures" / f).is_file() for f in figures)
+    except ImportError:
+        assert "Figures skipped: matplotlib is not installed" in report
+    # A rerun finds every stage done: nothing is trained or evaluated again.
+    capsys.readouterr()
+    assert replicate.main(["--out", str(out), "--quick"]) == 0
+    assert "focusft.py" not in capsys.readouterr().out
+
+
+def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert replicate.figures({"pretrain": {}, "accuracy": {}, "diagnostics": {}}, replicate.SIZES["quick"],
+                             tmp_path, {}) == []
