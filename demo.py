@@ -1,14 +1,11 @@
-"""The whole pipeline in one command, on a CPU, with no downloads and no arguments:
+"""The whole pipeline in one command, on a CPU, with no downloads and no arguments (docs/demo.md):
 
     python demo.py              # about 4 minutes on 2 CPU cores; everything goes to runs/demo
     python demo.py --quick      # a reduced size for CI and a first look (well under a minute)
 
-A tiny tokenizer, a random Qwen2 checkpoint and synthetic agentic data; training with Standard SFT
-(`focusft.py --no-bilevel --causal`) and with FocuSFT (the defaults), under torchrun when it can;
-`eval_babilong.py --synthetic` of both and of the untrained base; one comparison table (accuracy per
-context length, attention diagnostics at the start and end, step time), saved as comparison.md/.json.
-At this scale the accuracies say nothing about the method (docs/demo.md says why); the demo shows
-that the pipeline runs end to end, what the diagnostics look like, and what a FocuSFT step costs.
+A tiny tokenizer, a random Qwen2 checkpoint and synthetic agentic data; Standard SFT and FocuSFT training
+(focusft.py, under torchrun when it can); eval_babilong.py --synthetic of both and of the untrained base;
+one comparison table, saved as comparison.md/.json.
 """
 
 from __future__ import annotations
@@ -54,8 +51,6 @@ EXAMPLE_TASK = "qa1"  # the task whose first sample the predictions table shows
 
 @dataclass(frozen=True)
 class Size:
-    """How big the demo is: the data, the model, the training and the evaluation."""
-
     name: str
     steps: int  # optimizer steps of each training run
     tokens: int  # length of each training sample, in tokens of the tiny tokenizer
@@ -78,14 +73,6 @@ class DemoError(Exception):
     """A problem the demo reports in one message (plus, for a failed stage, its output's tail)."""
 
 
-class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM's KeyboardInterrupt) during a stage; carries the stage's name."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line and output directory
-
-
 def cpu_count() -> int:
     """The cores this process may run on (a container's limit, not the host's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -96,33 +83,8 @@ def default_nproc() -> int:
     return 2 if cpu_count() >= 2 and dist.is_available() and dist.is_gloo_available() else 1
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog=PROG, description="Build a tiny tokenizer, model and synthetic data; train it with Standard SFT "
-        "and with FocuSFT; evaluate both on synthetic BABILong; print one comparison table. No downloads; CPU only.",
-        epilog="A second run into the same --out deletes the earlier demo there and starts again.")
-    p.add_argument("--out", default="runs/demo", help="output directory for everything (default: %(default)s)")
-    p.add_argument("--nproc", type=int, help="training processes: 2 or more run focusft.py through torchrun (DDP "
-                   "over gloo), 1 runs it directly (default: 2 with torch.distributed and >= 2 CPU cores, else 1)")
-    p.add_argument("--steps", type=int, help=f"optimizer steps of each training run (default: {FULL.steps}, or "
-                   f"{QUICK.steps} with --quick)")
-    p.add_argument("--quick", action="store_true", help=f"reduced size for CI: {QUICK.tokens}-token samples, a "
-                   f"{QUICK.hidden}-wide model, {QUICK.steps} steps, evaluation at {' '.join(QUICK.eval_lengths)} "
-                   f"with {QUICK.eval_samples} samples per task")
-    p.add_argument("--seed", type=int, default=1234, help="seed of everything: data, weights, training, "
-                   "evaluation samples (default: %(default)s, the paper's)")
-    args = p.parse_args(argv)
-    for flag in ("steps", "nproc"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    if (args.nproc or 1) > 1 and not (dist.is_available() and dist.is_gloo_available()):
-        p.error(f"--nproc {args.nproc}: this torch build has no torch.distributed with gloo; use --nproc 1")
-    return args
-
-
 def prepare_out(out: Path, settings: dict) -> str:
-    """Create --out, wiping an earlier demo there; refuse a directory the demo did not write.
-    Returns what was done, for the user."""
+    """Create --out, wiping an earlier demo there; refuse a directory the demo did not write."""
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out}: exists and is not a directory")
     earlier = out.is_dir() and any(out.iterdir())
@@ -167,17 +129,16 @@ def build_inputs(out: Path, size: Size, seed: int, n_samples: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Running the stages: each a subprocess, its output (stdout and stderr together) shown and kept in logs/
+# The stages: each a subprocess, its output (stdout and stderr together) shown and kept in logs/
 
 # torchrun's log records ('E1128 17:26:18.683000 29184 .../torch/distributed/elastic/...') can start in the
-# middle of a worker's unfinished progress-bar line. Its failure report (an E record, then a launcher
-# traceback and a summary) follows the workers' own error, which is what the user needs.
+# middle of a worker's progress-bar line; its failure report follows the worker's own error, the one to show.
 _TORCHRUN_RECORD = re.compile(r"(?=[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S*torch/distributed/elastic/)")
 
 
 def error_tail(raw: bytes, lines: int = TAIL_LINES) -> str:
-    """The last lines of a child's output as a terminal would show them: each progress-bar line reduced
-    to its last redraw, torchrun's failure report left out."""
+    """The last lines of a child's output as a terminal shows them: each progress bar at its last redraw,
+    torchrun's failure report left out."""
     shown = []
     for line in _TORCHRUN_RECORD.sub("\n", raw.decode("utf-8", "replace")).split("\n"):
         frames = [f for f in line.split("\r") if f.strip()]
@@ -189,32 +150,17 @@ def error_tail(raw: bytes, lines: int = TAIL_LINES) -> str:
     return "\n".join(shown[-lines:])
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    # The child got the same Ctrl-C (focusft.py then finishes its step, checkpoints and exits): give it
-    # a moment. Then SIGTERM, which torchrun passes on to its workers (their own process groups, which
-    # a SIGKILL of torchrun would leave running); SIGKILL last.
-    for action, wait in ((lambda: None, 30), (proc.terminate, 15), (proc.kill, None)):
-        action()
-        try:
-            proc.wait(timeout=wait)
-            return
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):
-            continue
-
-
 def _display(cmd: list[str]) -> str:
     """The command as a user would type it: 'python', paths relative to the working directory."""
-    def short(a: str) -> str:
-        if a == sys.executable:
-            return "python"
-        return os.path.relpath(a) if os.path.isabs(a) and a.startswith(os.getcwd() + os.sep) else a
-    return shlex.join(short(a) for a in cmd)
+    here = os.getcwd() + os.sep
+    return shlex.join("python" if a == sys.executable else os.path.relpath(a) if a.startswith(here) else a
+                      for a in cmd)
 
 
 def run_stage(stage: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
               echo: bool = True) -> None:
-    """Run one stage's command, its output shown as it comes and saved to log_path; a failure raises
-    DemoError naming the stage, with the tail of the output."""
+    """Run one stage, its output shown as it comes and saved to log_path; a failure raises DemoError
+    naming the stage, with the tail of the output. Ctrl-C stops the child and the demo."""
     print(f"  $ {_display(cmd)}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}  # lines and bars in order
@@ -235,8 +181,16 @@ def run_stage(stage: str, cmd: list[str], log_path: Path, env: dict[str, str] | 
                     sys.stdout.flush()
             rc = proc.wait()
         except KeyboardInterrupt:
-            _stop(proc)
-            raise Interrupted(stage) from None
+            # The child got the same Ctrl-C (focusft.py finishes its step and exits): a moment for it, then
+            # SIGTERM, which torchrun passes on to its workers (a SIGKILL would leave them running), SIGKILL last.
+            for action, wait in ((lambda: None, 30), (proc.terminate, 15), (proc.kill, None)):
+                action()
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except (KeyboardInterrupt, subprocess.TimeoutExpired):
+                    continue
+            sys.exit(f"{PROG}: interrupted during stage '{stage}'; `python {PROG}` starts the demo over")
     if rc != 0:
         how = f"exit status {rc}" if rc > 0 else f"killed by signal {-rc}"
         lines = (error_tail(bytes(tail)) or "(it wrote nothing)").split("\n")
@@ -254,15 +208,8 @@ def training_command(method: str, model: Path, data_file: Path, out: Path, steps
             "--attn-every", str(max(1, steps // 4)), "--ckpt-every", "0", "--seed", str(seed), "--device", "cpu"]
 
 
-def eval_command(model: Path, out: Path, size: Size, seed: int) -> list[str]:
-    # The chat template: the models are trained on ChatML conversations, so they are asked in ChatML.
-    return [sys.executable, str(ROOT / "eval_babilong.py"), "--model", str(model), "--synthetic",
-            "--lengths", *size.eval_lengths, "--max-samples", str(size.eval_samples), "--chat-template",
-            "--seed", str(seed), "--device", "cpu", "--out", str(out)]
-
-
 # ----------------------------------------------------------------------------------------------------
-# Reading the results and building the table
+# The table
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -271,9 +218,9 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def summarize_run(rows: list[dict], source: str = "metrics.jsonl") -> dict:
-    """What the table needs from one run's metrics.jsonl: the attention diagnostics of the start
-    (the row of step 0, before any update) and of the end (the last row that has them), the median step
-    time, the training loss at the start and the end, and the inner loop's losses (FocuSFT only)."""
+    """What the table needs from one run's metrics.jsonl: the attention diagnostics at the start (step 0)
+    and the end (the last row with them), the median step time, the training loss at the start and the
+    end, and the inner loop's losses (FocuSFT only)."""
     diag = [r for r in rows if "attn_base" in r]
     steps = [r for r in rows if "step_s" in r]
     if not diag or not steps:
@@ -285,31 +232,13 @@ def summarize_run(rows: list[dict], source: str = "metrics.jsonl") -> dict:
         for name, stat in (("sink", "sink_mass"), ("engagement", "context_engagement")):
             for when, row in (("start", start), ("end", end)):
                 summary[f"{prefix}{name}_{when}"] = row[key][stat] if key in row else None
-    # focusft.py logs L(theta, phi_k) for k = 0 .. K-1 (inner_first: the base weights' own loss, as
-    # phi_0 adds nothing) and the outer loss L(theta, phi_K): the inner loop's effect on each sample.
+    # focusft.py logs inner_first, L(theta, phi_0) (the base weights' own loss), and the outer loss L(theta, phi_K).
     return {**summary, "step_s_median": statistics.median(r["step_s"] for r in steps),
             "loss_start": good[0]["loss"] if good else None,
             "loss_end": _mean([r["loss"] for r in good[-LAST_STEPS:]]),
             "inner_before": _mean([r.get("inner_first") for r in good]),
             "inner_after": _mean([r["loss"] for r in good]) if any("inner_first" in r for r in good) else None,
             "skipped_steps": len(steps) - len(good)}
-
-
-def read_eval(eval_dir: Path, lengths: tuple[str, ...]) -> tuple[dict, dict]:
-    """From eval_babilong.py's files: the mean accuracy over the tasks per length (a fraction), and per
-    length the first sample of one task (question, target, the model's output), to show what it means."""
-    try:
-        mean = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))["mean"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise DemoError(f"{eval_dir / 'results.json'}: unreadable evaluation results ({e})") from None
-    prompt = eval_babilong.default_prompt(EXAMPLE_TASK, chat_template=True)
-    examples = {}
-    for length in lengths:
-        csv_path = eval_babilong.pair_paths(eval_dir, EXAMPLE_TASK, length, prompt)[0]
-        rows = eval_babilong.read_predictions(csv_path) if csv_path.is_file() else []
-        if rows:
-            examples[length] = rows[0]
-    return {n: mean.get(n) for n in lengths}, examples
 
 
 def predictions_table(examples: dict[str, dict[str, dict]], lengths: tuple[str, ...], width: int = 40) -> str:
@@ -333,7 +262,6 @@ def comparison(accuracy: dict[str, dict[str, float | None]], runs: dict[str, dic
     rows = [{"key": f"accuracy_{n}", "label": f"accuracy at {n} context, % (mean of the tasks)", "format": ".1f",
              "values": {c: None if accuracy[c].get(n) is None else 100 * accuracy[c][n] for c in COLUMNS}}
             for n in lengths]
-    # FocuSFT's loss is the outer loss, with the adapted fast weights: lower than its base weights' own.
     trained = [(f"{key}_{when}", f"{label}, {when} (step {first if when == 'start' else last})", ".4f")
                for key, label in (("sink", "sink mass"), ("engagement", "context engagement"),
                                   ("fast_sink", "sink mass, with fast weights"),
@@ -362,29 +290,12 @@ def render_markdown(rows: list[dict]) -> str:
                                                               for r in rows])
 
 
-def caveats(facts: dict, rows: list[dict]) -> str:
-    """What the table can and cannot show, with this run's own figures."""
-    n = facts["size"]["eval_samples"] * len(facts["tasks"])
+def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, float]) -> str:
+    """comparison.md: what was run, the table, one prediction per model, what it can and cannot show."""
+    size, n = facts["size"], facts["size"]["eval_samples"] * len(facts["tasks"])
     sinks = [v for r in rows if r["key"].endswith(("sink_start", "sink_end")) for v in r["values"].values()
              if v is not None]
     noise = 200 * math.sqrt(0.15 * 0.85 / n)  # two standard errors of an accuracy near 15%, in points
-    return (
-        f"What this shows: the pipeline runs end to end ({facts['nproc']}-process training of both methods, Hugging "
-        f"Face checkpoints, evaluation with the benchmark's prompt and scoring); the attention diagnostics of "
-        f"response tokens (sink mass: attention on the first 5 tokens; context engagement: on the other context "
-        f"tokens) on the same training sample in both runs; and what a FocuSFT step costs next to an SFT step "
-        f"(timed one run after the other, so machine load skews it; `python bench.py` measures it interleaved)."
-        f"\n\nWhat it cannot show: the paper's accuracy gains. A random {facts['parameters'] / 1e6:.1f}M-parameter "
-        f"model trained for {facts['size']['steps']} steps learns the format of its conversations, not to read "
-        f"long contexts: its accuracy is chance at best (the same room for every question scores about 13%), "
-        f"and with {n} samples per length a difference under about {noise:.0f} points is noise. A random model "
-        f"has no attention sink either (at most {max(sinks, default=0):.1%} here; the paper measures 30% for "
-        f"Standard SFT of Qwen2.5-7B). To see the method's effect, fine-tune a real Qwen2.5 (see the README).")
-
-
-def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, float]) -> str:
-    """comparison.md: what was run, the table, one prediction per model, and what it all can and cannot show."""
-    size = facts["size"]
     header = (f"FocuSFT demo ({size['name']} size, {facts['date']}): a {facts['parameters'] / 1e6:.2f}M-parameter "
               f"random Qwen2 trained for {size['steps']} steps ({facts['nproc']} process(es), 1 sample each per "
               f"step, lr {facts['lr']:g}) on {facts['samples']} synthetic agentic samples of ~{size['tokens']} "
@@ -393,29 +304,35 @@ def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, f
               f"{timings['total'] / 60:.1f} min (training {timings['train_sft']:.0f} s + "
               f"{timings['train_focusft']:.0f} s, evaluation "
               f"{sum(v for k, v in timings.items() if k.startswith('eval_')):.0f} s).")
+    caveats = (
+        f"What this shows: the pipeline runs end to end ({facts['nproc']}-process training of both methods, Hugging "
+        f"Face checkpoints, evaluation with the benchmark's prompt and scoring); the attention diagnostics of "
+        f"response tokens (sink mass: attention on the first 5 tokens; context engagement: on the other context "
+        f"tokens) on the same training sample in both runs; and what a FocuSFT step costs next to an SFT step "
+        f"(timed one run after the other, so machine load skews it; `python bench.py` measures it interleaved)."
+        f"\n\nWhat it cannot show: the paper's accuracy gains. A random {facts['parameters'] / 1e6:.1f}M-parameter "
+        f"model trained for {size['steps']} steps learns the format of its conversations, not to read "
+        f"long contexts: its accuracy is chance at best (the same room for every question scores about 13%), "
+        f"and with {n} samples per length a difference under about {noise:.0f} points is noise. A random model "
+        f"has no attention sink either (at most {max(sinks, default=0):.1%} here; the paper measures 30% for "
+        f"Standard SFT of Qwen2.5-7B). To see the method's effect, fine-tune a real Qwen2.5 (see the README).")
     return "\n\n".join([header, render_markdown(rows), f"What the models answer (the outputs are in "
-                        f"eval/*/{EXAMPLE_TASK}_*.csv):\n\n{predictions}", caveats(facts, rows)]) + "\n"
+                        f"eval/*/{EXAMPLE_TASK}_*.csv):\n\n{predictions}", caveats]) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
 # The demo
 
 
-def settings_of(args: argparse.Namespace, argv: list[str]) -> tuple[Size, dict]:
-    """The size and everything that describes this run (written first into --out, and into the table)."""
-    size = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
-    nproc = args.nproc or default_nproc()
-    return size, {"command": shlex.join(["python", PROG, *argv]), "size": asdict(size), "nproc": nproc,
-                  "seed": args.seed, "lr": LR, "samples": min(size.steps * nproc, MAX_SAMPLES),
-                  "date": datetime.date.today().isoformat(), "cpu_cores": cpu_count(), "torch": torch.__version__,
-                  "python": platform.python_version(), "machine": platform.machine()}
-
-
 def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
     """Every stage, the table printed and saved; returns what comparison.json holds."""
     t_start = time.perf_counter()
-    size, settings = settings_of(args, argv)
-    nproc, cores, out = settings["nproc"], settings["cpu_cores"], Path(args.out).resolve()
+    size = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
+    nproc, cores, out = args.nproc or default_nproc(), cpu_count(), Path(args.out).resolve()
+    settings = {"command": shlex.join(["python", PROG, *argv]), "size": asdict(size), "nproc": nproc,
+                "seed": args.seed, "lr": LR, "samples": min(size.steps * nproc, MAX_SAMPLES),
+                "date": datetime.date.today().isoformat(), "cpu_cores": cores, "torch": torch.__version__,
+                "python": platform.python_version(), "machine": platform.machine()}
     epochs = math.ceil(size.steps * nproc / settings["samples"])  # fresh samples up to a cap, then epochs
     prepared = prepare_out(Path(args.out), settings)  # before anything else: a wrong --out stops the demo at once
     timings: dict[str, float] = {}
@@ -446,12 +363,25 @@ def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
 
     models = {"base": inputs["model"], "sft": out / "sft" / "final", "focusft": out / "focusft" / "final"}
     accuracy, examples = {}, {}
+    prompt = eval_babilong.default_prompt(EXAMPLE_TASK, chat_template=True)
     for k, (column, name) in enumerate(COLUMNS.items(), 4):
         t = stage(k, f"evaluation: {name}, synthetic BABILong qa1-qa5 at {' '.join(size.eval_lengths)}, "
                      f"{size.eval_samples} samples per task and length")
-        run_stage(f"evaluation: {name}", eval_command(models[column], out / "eval" / column, size, args.seed),
-                  out / "logs" / f"eval-{column}.log", {**os.environ, "OMP_NUM_THREADS": str(cores)})
-        accuracy[column], examples[column] = read_eval(out / "eval" / column, size.eval_lengths)
+        eval_dir = out / "eval" / column  # asked in ChatML: the models are trained on ChatML conversations
+        cmd = [sys.executable, str(ROOT / "eval_babilong.py"), "--model", str(models[column]), "--synthetic",
+               "--lengths", *size.eval_lengths, "--max-samples", str(size.eval_samples), "--chat-template",
+               "--seed", str(args.seed), "--device", "cpu", "--out", str(eval_dir)]
+        run_stage(f"evaluation: {name}", cmd, out / "logs" / f"eval-{column}.log",
+                  {**os.environ, "OMP_NUM_THREADS": str(cores)})
+        try:  # the mean accuracy over the tasks per length, and the first qa1 sample to show
+            mean = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))["mean"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise DemoError(f"{eval_dir / 'results.json'}: unreadable evaluation results ({e})") from None
+        accuracy[column], examples[column] = {n: mean.get(n) for n in size.eval_lengths}, {}
+        for length in size.eval_lengths:
+            csv_path = eval_babilong.pair_paths(eval_dir, EXAMPLE_TASK, length, prompt)[0]
+            if rows := (eval_babilong.read_predictions(csv_path) if csv_path.is_file() else []):
+                examples[column][length] = rows[0]
         timings[f"eval_{column}"] = time.perf_counter() - t
 
     stage(7, "comparison")
@@ -474,17 +404,33 @@ def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Build a tiny tokenizer, model and synthetic data; train it with Standard SFT "
+        "and with FocuSFT; evaluate both on synthetic BABILong; print one comparison table. No downloads; CPU only.",
+        epilog="A second run into the same --out deletes the earlier demo there and starts again.")
+    p.add_argument("--out", default="runs/demo", help="output directory for everything (default: %(default)s)")
+    p.add_argument("--nproc", type=int, help="training processes: 2 or more run focusft.py through torchrun (DDP "
+                   "over gloo), 1 runs it directly (default: 2 with torch.distributed and >= 2 CPU cores, else 1)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps of each training run (default: {FULL.steps}, or "
+                   f"{QUICK.steps} with --quick)")
+    p.add_argument("--quick", action="store_true", help=f"reduced size for CI: {QUICK.tokens}-token samples, a "
+                   f"{QUICK.hidden}-wide model, {QUICK.steps} steps, evaluation at {' '.join(QUICK.eval_lengths)} "
+                   f"with {QUICK.eval_samples} samples per task")
+    p.add_argument("--seed", type=int, default=1234, help="seed of everything: data, weights, training, "
+                   "evaluation samples (default: %(default)s, the paper's)")
+    args = p.parse_args(argv)
+    for flag in ("steps", "nproc"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    if (args.nproc or 1) > 1 and not (dist.is_available() and dist.is_gloo_available()):
+        p.error(f"--nproc {args.nproc}: this torch build has no torch.distributed with gloo; use --nproc 1")
     try:
         run_demo(args, argv)
     except DemoError as e:
         sys.exit(f"{PROG}: error: {e}")
     except OSError as e:  # permissions, a full disk, ...
         sys.exit(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-    except Interrupted as e:
-        # focusft.py's "resume with the same command" does not apply: the demo always starts over.
-        sys.exit(f"{PROG}: interrupted during stage '{e}'; `python {PROG}` starts the demo over")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # focusft.py's "resume with the same command" does not apply here
         sys.exit(f"{PROG}: interrupted; `python {PROG}` starts the demo over")
     return 0
 
