@@ -169,9 +169,9 @@ def parse_args(argv=None):
     g.add_argument("--causal", action="store_true", help="causal mask instead of the hybrid mask")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing of decoder layers (all variants)")
-    g.add_argument("--inner-ckpt", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--inner-ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="FocuSFT: checkpoint the layers with fast weights too, in both loops (focusft.py's "
-                        "--inner-ckpt)")
+                        "--inner-ckpt, on by default there too; --no-inner-ckpt is the faster setting)")
     g = p.add_argument_group("measurement")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and activations")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -339,7 +339,7 @@ def table(r: dict, variants) -> str:
              f"vocab {c['vocab_size']}; seq {r['seq']} ({r['response_tokens']} response tokens), "
              f"K={r['inner_steps']}, layer fraction {r['layer_fraction']}, {r['dtype']} on {r['device']}, "
              f"{r['mask']} mask, activation checkpointing {'on' if r['grad_ckpt'] else 'off'}"
-             f"{', inner checkpointing on' if r['inner_ckpt'] else ''}",
+             f", inner checkpointing {'on' if r['inner_ckpt'] else 'off'}",
              "",
              "| variant | step (median) | spread (min-max) | tokens/s | peak memory |" + (
                  " MFU |" if any(f"{v}_mfu" in r for v in variants) else ""),

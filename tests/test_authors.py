@@ -218,6 +218,34 @@ def test_inner_clip_factor_is_fp32():
     assert ours.float().norm().item() == pytest.approx(1.0, rel=1e-2)
     small = g / 1000  # norm below c: unchanged
     assert torch.equal(focusft.clip_per_tensor(small, 1.0), small)
+    # The authors take the norm as grad.norm(), which for a bf16 gradient is itself rounded to bf16
+    # (up to 2^-8 relative, ~0.4%), before their float factor: a remaining difference under bf16.
+    assert g.norm().dtype == torch.bfloat16
+    assert 0 < abs(g.norm().item() / g.float().norm().item() - 1) <= 2 ** -8
+
+
+def test_padding_changes_nothing(tiny):
+    """The authors pad every sample to max_length (4096); at micro-batch 1 nothing is padded here.
+    Padding is masked: the loss and every gradient are the same, so this only costs them compute."""
+    model = qwen2.from_pretrained(tiny.model)
+    samples, _ = data.load_samples([tiny.data], tiny.tokenizer, max_len=4096)
+    pad = tiny.tokenizer.token_to_id("<|endoftext|>")
+    b = data.collate(samples[:1], pad)
+    n = b["input_ids"].shape[1]
+    padded = {k: F.pad(v, (0, 64), value=pad if k == "input_ids" else 0) for k, v in b.items()}
+    init_A = {(i, name): torch.randn(4, getattr(model.model.layers[i].mlp, name).weight.shape[1]) * 0.1
+              for i in focusft.adapted_layers(4, 0.5) for name in focusft.TARGETS}
+    results = []
+    for batch in (b, padded):
+        loss, inner = focusft.focusft_loss(model, batch["input_ids"], batch["loss_mask"], batch["attention_mask"],
+                                           rank=4, alpha=16.0, layer_fraction=0.5, init_A=init_A)
+        loss.backward()
+        results.append((loss.item(), inner, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    assert padded["input_ids"].shape[1] == n + 64
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-6)
+    assert results[1][1] == pytest.approx(results[0][1], abs=1e-6)
+    assert all(torch.allclose(a, c, atol=1e-6) for a, c in zip(results[0][2], results[1][2], strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- parquet

@@ -43,8 +43,11 @@ def test_flops_estimate_orders_the_variants():
     config = bench.make_config(args)
     f = {v: bench.flops_per_step(config, 256, v, args, 64) for v in bench.VARIANTS}
     assert f["sft"] < f["focusft"] < f["authors_way"]
-    # --inner-ckpt recomputes the top layers in FocuSFT's inner steps and outer pass, and nothing else
-    inner = bench.parse_args([*TINY, "--inner-ckpt"])
+    # --inner-ckpt (the default) recomputes the top layers in FocuSFT's inner steps and outer pass, and
+    # nothing else
+    args = bench.parse_args([*TINY, "--no-inner-ckpt"])
+    f = {v: bench.flops_per_step(config, 256, v, args, 64) for v in bench.VARIANTS}
+    inner = bench.parse_args(TINY)
     g = {v: bench.flops_per_step(config, 256, v, inner, 64) for v in bench.VARIANTS}
     assert g["focusft"] > f["focusft"] and g["sft"] == f["sft"] and g["authors_way"] == f["authors_way"]
 
