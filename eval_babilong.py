@@ -34,7 +34,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import huggingface_hub
@@ -90,12 +90,6 @@ def length_tokens(length: str) -> int:
 # Scoring
 
 
-def task_labels(task: str) -> tuple[str, ...]:
-    if task not in TASK_LABELS:
-        raise EvalError(f"unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
-    return TASK_LABELS[task]
-
-
 def clean_output(output: str) -> str:
     """The benchmark's clean-up: lower-case, keep the first sentence, drop anything from a `<context>`
     or `<example>` on (a model that starts writing another example)."""
@@ -112,7 +106,9 @@ def is_correct(task: str, target: str, output: str, question: str) -> bool:
     parts; a short one (qa19: "n,w") is a single label. Substring matching is the benchmark's: in qa7
     the output "none" also contains "one", so the benchmark never counts a "none" answer correct.
     """
-    labels = {label.lower() for label in task_labels(task)}
+    if task not in TASK_LABELS:
+        raise EvalError(f"unknown task {task!r} (BABILong has {TASKS[0]}-{TASKS[-1]})")
+    labels = {label.lower() for label in TASK_LABELS[task]}
     output = clean_output(output)
     question = (question or "").lower()
     target = (target or "").lower()
@@ -485,15 +481,9 @@ def pair_paths(out: Path, task: str, length: str, prompt: PromptConfig) -> tuple
 
 def prompts_for(args: argparse.Namespace, task: str) -> PromptConfig:
     """The prompt of a task: built-in or --prompt-config, with --chat-template/--system-prompt on top."""
-    if args.prompt_config:
-        prompt = PromptConfig(**asdict(args.loaded_prompt))
-    else:
-        prompt = default_prompt(task)
-    if args.chat_template is not None:
-        prompt.chat_template = args.chat_template
-    if args.system_prompt is not None:
-        prompt.system_prompt = args.system_prompt
-    return prompt
+    prompt = args.loaded_prompt if args.prompt_config else default_prompt(task)
+    flags = {"chat_template": args.chat_template, "system_prompt": args.system_prompt}
+    return replace(prompt, **{k: v for k, v in flags.items() if v is not None})
 
 
 def make_source(args: argparse.Namespace) -> DataSource:
