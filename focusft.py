@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 focusft.py --data agentic.jsonl --no-bilevel --causal   # standard SFT
     python focusft.py --model DIR --data train.jsonl --max-steps 20 --out runs/try     # one process
 
-Each optimizer step, for every micro-batch (paper section 3, DESIGN.md section 2):
+Read top to bottom, in the paper's order (section 3). Each optimizer step, for every micro-batch:
   1. mask     the hybrid mask: context turns bidirectional, responses causal    `hybrid_mask`   (eq. 5)
   2. inner    fresh LoRA fast weights phi on the FFNs of the top layers          `init_fast_weights`
               adapted by K clipped SGD steps on the response loss               `inner_loop`    (eq. 3)
@@ -12,33 +12,51 @@ Each optimizer step, for every micro-batch (paper section 3, DESIGN.md section 2
 `focusft_step` composes them; its fast path computes the layers below the first adapted layer once
 (they do not depend on phi), asks for logits only where the next token is a response token, and
 differentiates the inner loss with respect to phi alone. `reference_focusft_loss` is the slow,
-obvious computation (the authors' way) that the tests hold the fast path to.
+obvious computation (the authors' way) that the tests hold the fast path to. Then the attention
+diagnostics, the optimisation (schedule, weight decay, global clip), and `train`, the loop; the
+machinery it calls (processes, DDP/FSDP2, checkpoints, exports, signals) is in training.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
-import os
 import random
-import shutil
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 import data
 import qwen2
 from qwen2 import FastWeights, LowRank, Qwen2ForCausalLM
+from training import (
+    Run,
+    StopRequest,
+    all_reduce_sum,
+    barrier,
+    broadcast_str,
+    export,
+    fail,
+    full_state,
+    gathered,
+    load_optimizer_state,
+    micro_batch_forward,
+    parallelize,
+    read_metrics,
+    replicas_agree,
+    restore_rng,
+    resume_point,
+    save_training_checkpoint,
+    setup_distributed,
+)
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -284,9 +302,6 @@ def attention_diagnostics(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask:
     return {"sink_mass": sink_total / max(n, 1), "context_engagement": content_total / max(n, 1)}
 
 
-# ----------------------------------------------------------------------------------------------
-# The training script
-
 
 class Objective(nn.Module):
     """The micro-batch loss as a module, so DDP wraps the whole step (its hooks and gradient sync
@@ -364,300 +379,387 @@ def fast_weight_generator(seed: int, epoch: int, micro_batch_index: int) -> torc
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + micro_batch_index)
 
 
-@dataclass
-class Run:
-    """What the loop needs to know about the process group."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    fsdp: bool = False  # parameters, gradients and optimizer states sharded over the ranks
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+# ----------------------------------------------------------------------------------------------
+# The training loop
 
 
-def setup_distributed(device_flag: str, fsdp: bool = False) -> Run:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain python runs one process with no group (FSDP
-    needs one: a single-process group then)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    backend = "nccl" if use_cuda else "gloo"
-    if world > 1:
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    elif fsdp:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Run(rank, local_rank, world, device, fsdp)
-
-
-def all_reduce_sum(values: list[float], run: Run) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=run.device)
-    if run.world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def broadcast_str(text: str, run: Run) -> str:
-    if run.world == 1:
-        return text
-    box = [text]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def parallelize(objective: Objective, run: Run, compute_dtype: torch.dtype) -> nn.Module:
-    """The one place data parallelism is set up; the loop is the same for both.
-
-    DDP (several processes): every rank holds the whole model; gradients are all-reduced.
-    FSDP2 (--fsdp): each decoder layer, then the rest of the model (embeddings, final norm, lm_head,
-    under the objective), is sharded over the ranks: parameters are gathered for each layer's forward
-    and backward and the gradients reduce-scattered; the weights and AdamW states stay in fp32 (the
-    master copy) while the forward runs in `compute_dtype`. The fast weights are created inside the
-    step, per rank, from the activations' dtype: they are never sharded nor reduced."""
-    if run.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(run.device.type, (run.world,))
-        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for block in objective.model.blocks():
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(objective, mesh=mesh, mp_policy=policy)
-        return objective
-    if run.world > 1:
-        # Gradients as views into DDP's communication buckets: no second copy of the gradients.
-        return nn.parallel.DistributedDataParallel(
-            objective, device_ids=[run.device] if run.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    return objective
-
-
-def fsdp_units(objective: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in objective.modules() if isinstance(m, FSDPModule)]
-
-
-@contextlib.contextmanager
-def gathered(objective: nn.Module, run: Run):
-    """Under FSDP, all parameters gathered on every rank (for the diagnostics, which use the layers'
-    parts directly); a no-op otherwise. Every rank must enter it."""
-    units = fsdp_units(objective) if run.fsdp else []
-    layers = [unit for unit in units if unit is not objective]
-    for unit in layers:  # calling a layer would otherwise reshard it when it returns
-        unit.set_reshard_after_forward(False, recurse=False)
-    for unit in units:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-        for unit in layers:
-            unit.set_reshard_after_forward(True, recurse=False)
-
-
-def full_state(model: nn.Module, run: Run, dtype: torch.dtype | None = None) -> dict[str, Tensor] | None:
-    """The model's whole state dict on rank 0 (None elsewhere), optionally cast. Under FSDP each
-    tensor is all-gathered in turn (every rank must call this) and copied to the CPU on rank 0, so no
-    rank ever holds a second full copy on the accelerator."""
-    from torch.distributed.tensor import DTensor
-
-    state = {}
-    for name, t in model.state_dict().items():
-        t = t.full_tensor() if isinstance(t, DTensor) else t.detach()
-        if run.main:
-            state[name] = (t.to(dtype) if dtype is not None else t).to("cpu", copy=run.fsdp)
-    return state if run.main else None
-
-
-def replicas_agree(model: nn.Module, run: Run) -> bool:
-    """End-of-run guard: DDP keeps every rank's weights identical; compare per-tensor checksums."""
-    local = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                         for p in model.parameters()]).flatten()
-    gathered = [torch.empty_like(local) for _ in range(run.world)]
-    dist.all_gather(gathered, local)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
-def barrier(run: Run) -> None:
-    if run.world > 1:
-        dist.barrier()
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a completely written directory into place. A kill at any point leaves either the old or
-    the new directory complete under `final` (or, between the two renames, the old one at .old)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def export(state: dict[str, Tensor], model: Qwen2ForCausalLM, directory: Path, tokenizer_dir: Path,
-           eos_ids: list[int]) -> None:
-    """An HF checkpoint (weights, config, generation config with the chat EOS ids, tokenizer files),
-    loadable by transformers and vLLM, written to a temporary directory and renamed into place.
-    `state` is the model's full state dict (see full_state). Fast weights are never part of the
-    model, so never saved."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        qwen2.save_weights(state, model.config, tmp, {**model.generation_config, "eos_token_id": eos_ids})
-        for name in qwen2.TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, tmp / name)
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def train(args: argparse.Namespace, run: Run) -> None:
+    """Each optimizer step: for each of this rank's micro-batches, FocuSFT's outer loss
+    (`focusft_step`: mask, inner loop, outer loss) and its backward; then the global gradient clip,
+    AdamW at the scheduled learning rate, and one metrics row. Everything else is one call."""
+    job = prepare(args, run)  # model, data, output directory: all validated before training starts
+    if job is None:
+        return
+    model = job.model
+    objective = parallelize(Objective(model, method_kwargs(args)), run, job.dtype)  # DDP or FSDP2
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
+                                  fused=run.device.type == "cuda")
+    state = resume(job, optimizer, run)  # step 0, or where the newest checkpoint in --out stopped
+    stop, bar = StopRequest(), progress_bar(job, state.step, run)
+    last = None  # (batch, phi_K) of the last real micro-batch, for the attention diagnostics
+    while state.step < job.total_steps:
+        epoch, first, group = job.micro_batches(state.step)
+        if epoch >= args.epochs:
+            break
+        t0 = time.perf_counter()
+        batches = [data.collate([job.samples[i] for i in mb] or [job.samples[0]], job.pad_id) for mb in group]
+        weights, n_real, n_targets = loss_weights(group, batches, args.loss_norm, run)
+        sums, fast_grads = StepSums(), None
+        for j, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            gen = fast_weight_generator(args.seed, epoch, (first + j) * run.world + run.rank)
+            res = micro_batch_forward(objective, run, j == len(batches) - 1, batch["input_ids"],
+                                      batch["loss_mask"], batch["attention_mask"], gen)  # focusft_step
+            (res.loss * weight).backward()
+            fast_grads = add_fast_grads(fast_grads, res.fast)
+            if group[j]:  # an empty slot (see loss_weights) counts for nothing
+                sums.add(res, batch)
+            if group[j] or last is None:
+                last = (batch, res.fast)
+            if state.step == 0 and j == 0:  # the start of training, before any update
+                t_diag = time.perf_counter()
+                log(job, diagnostics_row(job, objective, batch, res.fast, 0, run), run)
+                t0 += time.perf_counter() - t_diag  # not part of the step time
+        grad_norm = clip_gradients(model, fast_grads, args.grad_clip, run)
+        # One all-reduce carries the metrics and any stop request, so all ranks decide alike.
+        *totals, stopping = all_reduce_sum([*sums.values(), float(stop.signal is not None)], run)
+        lr = lr_at(state.step, job.total_steps, args.lr, args.warmup_ratio)
+        finite = math.isfinite(totals[0]) and math.isfinite(grad_norm)
+        if finite:  # else skipped on every rank alike: the sums and the synced gradient norm agree
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        row = metrics_row(state.step, epoch, totals, n_real, n_targets, lr, grad_norm, time.perf_counter() - t0,
+                          bilevel=job.bilevel)
+        count_bad_step(state, finite, row, job, group, run)  # the non-finite policy's bookkeeping
+        if finite and (state.step == job.total_steps or (args.attn_every and state.step % args.attn_every == 0)):
+            row.update(diagnostics_row(job, objective, *last, state.step, run))
+        log(job, row, run)
+        show_progress(bar, row, job, run)
+        if after_step(job, state, optimizer, bool(stopping), run):  # bad-step limit, signal, checkpoints, exports
+            bar.close()
+            return
+    bar.close()
+    finish(job, state, optimizer, run)  # the final export, the diagnostics table, the summary
 
 
 # ----------------------------------------------------------------------------------------------
-# Training checkpoints (for resuming; exports above are for use)
-
-# The flags that shape the trajectory: a resumed run must use the same ones to continue it exactly.
-TRAJECTORY = ("model", "data", "max_len", "skip_bad_samples", "inner_steps", "inner_lr", "inner_clip", "rank",
-              "alpha", "layer_fraction", "targets", "no_bilevel", "causal", "epochs", "max_steps", "lr",
-              "weight_decay", "warmup_ratio", "grad_clip", "micro_batch", "grad_accum", "loss_norm", "seed",
-              "dtype", "fsdp")
+# What the loop calls
 
 
-def checkpoints(out: Path) -> list[Path]:
-    """Complete training checkpoints, oldest first (a .tmp directory is an interrupted save)."""
-    found = [p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+@dataclass
+class Job:
+    """What `prepare` validated and loaded for one training run."""
+
+    args: argparse.Namespace
+    name: str  # "focusft", "sft", "focusft-causal", "sft-causal"
+    out: Path
+    dtype: torch.dtype  # the compute dtype
+    model: Qwen2ForCausalLM
+    model_dir: Path  # the base model's directory (tokenizer files for the exports)
+    samples: list[data.Sample]
+    pad_id: int
+    eos_ids: list[int]
+    steps_per_epoch: int
+    total_steps: int
+    ckpt: Path | None  # the training checkpoint this run resumes from
+    trainer_state: dict  # its trainer.json
+    world: int = 1
+    rank: int = 0
+    _epoch: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def bilevel(self) -> bool:
+        return not self.args.no_bilevel and self.args.inner_steps > 0
+
+    def micro_batches(self, step: int) -> tuple[int, int, list[list[int]]]:
+        """Where `step` is in the data: its epoch, the index of its first micro-batch in the epoch,
+        and this rank's micro-batches for it (lists of sample indices; [] is an empty slot)."""
+        a = self.args
+        epoch, first = step // self.steps_per_epoch, (step % self.steps_per_epoch) * a.grad_accum
+        if self._epoch is None or self._epoch[0] != epoch:  # this rank's micro-batches, once per epoch
+            lengths = [len(s) for s in self.samples]
+            self._epoch = (epoch, data.epoch_microbatches(lengths, a.micro_batch, self.world, self.rank, a.seed,
+                                                          epoch))
+        return epoch, first, self._epoch[1][first:first + a.grad_accum]
 
 
-def save_training_checkpoint(out: Path, step: int, model: nn.Module, optimizer, state: dict, args,
-                             run: Run) -> Path | None:
-    """Weights (an HF checkpoint itself), optimizer, trainer state and every rank's RNG states, in a
-    temporary directory renamed into place when complete. Keeps the newest --keep. On an OS error
-    (disk full, permissions) every rank returns None and the previous checkpoint stays."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    failed = 0.0
-    if run.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            print(f"focusft.py: warning: cannot write a checkpoint in {tmp.parent}: {e}", file=sys.stderr)
-            failed = 1.0
-    barrier(run)
-    if not all_reduce_sum([failed], run)[0]:
-        weights = full_state(model, run)  # a collective under FSDP: before anything can fail
-        try:
-            rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-            torch.save(rng, tmp / f"rng-rank{run.rank}.pt")
-            if run.fsdp:  # each rank's shard of the AdamW states, as plain tensors
-                torch.save(local_optimizer_state(optimizer), tmp / f"optimizer-rank{run.rank}.pt")
-            elif run.main:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            if run.main:
-                qwen2.save_weights(weights, model.config, tmp)
-                trainer = {"step": step, "world_size": run.world, "args": vars(args), **state}
-                (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
-        except OSError as e:
-            print(f"focusft.py: warning: saving the checkpoint {tmp} failed on rank {run.rank}: {e}; "
-                  f"the previous checkpoint is kept", file=sys.stderr)
-            failed = 1.0
-    failed = all_reduce_sum([failed], run)[0]
-    if run.main:
-        if failed:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            replace_dir(tmp, final)
-            for old in checkpoints(out)[:-args.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier(run)
-    return None if failed else final
-
-
-def local_optimizer_state(optimizer) -> dict:
-    """optimizer.state_dict() with each sharded (DTensor) state replaced by this rank's shard."""
-    from torch.distributed.tensor import DTensor
-
-    sd = optimizer.state_dict()
-    sd["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in st.items()}
-                   for i, st in sd["state"].items()}
-    return sd
-
-
-def load_optimizer_state(optimizer, ckpt: Path, run: Run) -> None:
-    if not run.fsdp:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=run.device, weights_only=True))
-        return
-    from torch.distributed.tensor import DTensor
-
-    sd = torch.load(ckpt / f"optimizer-rank{run.rank}.pt", map_location=run.device, weights_only=True)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, st in sd["state"].items():  # shards back into DTensors laid out like their parameters
-        p = params[int(i)]
-        for k, v in st.items():
-            if isinstance(p, DTensor) and v.dim() > 0:
-                st[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-    optimizer.load_state_dict(sd)
-
-
-def restore_rng(ckpt: Path, run: Run) -> None:
-    rng = torch.load(ckpt / f"rng-rank{run.rank}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def resume_point(out: Path, args, run: Run) -> tuple[Path | None, dict]:
-    """The newest training checkpoint in --out and its trainer state, after checking that it
-    continues this very run (same trajectory flags, same number of processes)."""
-    found = checkpoints(out) if out.is_dir() else []
-    if not found:
-        if args.resume:
-            fail(f"--resume: no training checkpoint in {out / 'checkpoints'}")
-        return None, {}
-    ckpt = found[-1]
+def prepare(args: argparse.Namespace, run: Run) -> Job | None:
+    """Seeds, the output directory, the resume point, model, tokenizer and data, every check a user's
+    input can fail, and the run's config.json; None when --out already holds this run, finished."""
+    args.dtype = args.dtype or ("bf16" if run.device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    name = ("sft" if args.no_bilevel or args.inner_steps == 0 else "focusft") + ("-causal" if args.causal else "")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(broadcast_str(args.out or f"runs/{Path(str(args.model)).name}-{name}-{stamp}", run))
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: exists and is not a directory")
+    ckpt, trainer_state = resume_point(out, args, run)
+    model_dir, tokenizer, samples, stats, model = load_inputs(args, ckpt, run)
+    lengths = [len(s) for s in samples]
+    per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, 0))
+    steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
+    job = Job(args, name, out, dtype, model, model_dir, samples,
+              pad_id=data.special_token_id(tokenizer, data.ENDOFTEXT),
+              eos_ids=sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, data.IM_END)}),
+              steps_per_epoch=steps_per_epoch, total_steps=args.max_steps or steps_per_epoch * args.epochs,
+              ckpt=ckpt, trainer_state=trainer_state, world=run.world, rank=run.rank)
+    if job.bilevel and not adapted_layers(model.config.num_hidden_layers, args.layer_fraction):
+        fail(f"--layer-fraction {args.layer_fraction} adapts no layer of a {model.config.num_hidden_layers}-layer "
+             f"model")
+    logged = read_metrics(out / "metrics.jsonl")
+    if (out / "final").is_dir() and logged and logged[-1]["step"] >= job.total_steps:
+        if run.main:
+            print(f"{out} already holds this run, finished ({out / 'final'}): nothing to do")
+        return None
     try:
-        trainer = json.loads((ckpt / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        fail(f"{ckpt / 'trainer.json'}: unreadable training checkpoint ({e}); remove {ckpt} to resume "
-             f"from the one before")
-    saved, now = trainer["args"], vars(args)
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now.get(k)!r})" for k in TRAJECTORY
-              if saved.get(k) != now.get(k)]
-    if differ:
-        fail(f"--out {out} holds a run with other settings: {'; '.join(differ)}. Resume with the same flags, "
-             f"or choose a new --out")
-    if trainer["world_size"] != run.world:
-        fail(f"{ckpt} was written by {trainer['world_size']} process(es); resume it with the same number "
-             f"(now {run.world})")
-    return ckpt, trainer
+        if run.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": run.world}, indent=2) + "\n")
+            # A resumed run rewrites the metrics the interrupted one logged after its checkpoint.
+            up_to = trainer_state["step"] if ckpt else -1
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged if r["step"] <= up_to))
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e.strerror or e})")
+    if run.main:
+        print(stats.summary())
+    return job
 
 
-class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its optimizer step, checkpoints and exits 0.
-    A second SIGINT stops at once (the last checkpoint stays)."""
+def load_inputs(args: argparse.Namespace, ckpt: Path | None, run: Run) -> tuple:
+    """(model_dir, tokenizer, samples, stats, model), or one clear error naming the file."""
+    try:
+        model_dir = qwen2.checkpoint_dir(args.model)
+        tokenizer = data.load_tokenizer(model_dir)
+    except (qwen2.CheckpointError, data.DataError) as e:
+        fail(e.problems[0] if isinstance(e, data.DataError) else str(e))
+    try:
+        samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
+        # FSDP keeps fp32 master weights and computes in --dtype; DDP computes in the weights' dtype.
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model = qwen2.from_pretrained(ckpt or model_dir, dtype=torch.float32 if args.fsdp else dtype,
+                                      device=run.device)
+    except (qwen2.CheckpointError, data.DataError) as e:
+        fail(str(e))
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        fail(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's embedding "
+             f"only {model.config.vocab_size} rows")
+    return model_dir, tokenizer, samples, stats, model
 
-    def __init__(self):
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
 
-    def handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
+@dataclass
+class TrainState:
+    """The loop's counters, saved in every training checkpoint (trainer.json)."""
+
+    step: int = 0
+    bad_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in all
+    bad_run: int = 0  # ... in a row, up to now
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def resume(job: Job, optimizer: torch.optim.Optimizer, run: Run) -> TrainState:
+    """A fresh state, or the checkpoint's: its optimizer states, RNG states and counters."""
+    if job.ckpt is None:
+        state = TrainState()
+    else:
+        load_optimizer_state(optimizer, job.ckpt, run)
+        restore_rng(job.ckpt, run)
+        saved = job.trainer_state
+        state = TrainState(saved["step"], saved["bad_steps"], saved["bad_run"])
+    if run.main:
+        top = adapted_layers(job.model.config.num_hidden_layers, job.args.layer_fraction)
+        inner = f"fast weights on layers {top.start}..{top.stop - 1}" if job.bilevel else "no inner loop"
+        a = job.args
+        print(f"{job.name}: {run.world} process(es), {a.micro_batch} x {a.grad_accum} x {run.world} samples per "
+              f"step, {job.steps_per_epoch} steps per epoch, {job.total_steps} steps, {job.dtype}, {inner}; output "
+              f"{job.out}" + (f"\nresuming from {job.ckpt} (step {state.step})" if job.ckpt else ""))
+    return state
+
+
+def loss_weights(group: list[list[int]], batches: list[dict], loss_norm: str,
+                 run: Run) -> tuple[list[float], float, float]:
+    """Each micro-batch's weight in the step's loss, and the step's real micro-batches and response
+    tokens over all ranks. --loss-norm micro-batch: the mean of the micro-batch means; token: the mean
+    over the step's response tokens. DDP and FSDP average gradients over ranks, hence the factor
+    world. An empty slot at the end of an epoch (fewer micro-batches than ranks) runs for the
+    collectives' sake and weighs nothing."""
+    n_targets = [int(targets_of(b["input_ids"], b["loss_mask"], b["attention_mask"])[1].numel()) if mb else 0
+                 for b, mb in zip(batches, group, strict=True)]
+    # Every rank needs the step's totals before its backward passes, to weigh its micro-batches.
+    n_real, n_total = all_reduce_sum([sum(1 for mb in group if mb), sum(n_targets)], run)
+    weights = [0.0 if not mb else run.world * n / n_total if loss_norm == "token" else run.world / n_real
+               for mb, n in zip(group, n_targets, strict=True)]
+    return weights, n_real, n_total
+
+
+@dataclass
+class StepSums:
+    """This rank's sums over the step's real micro-batches, for the metrics row."""
+
+    loss: float = 0.0
+    inner_first: float = 0.0  # L(theta, phi_0)
+    inner_last: float = 0.0  # L(theta, phi_{K-1})
+    tokens: float = 0.0
+
+    def add(self, res: StepOutput, batch: dict) -> None:
+        inner = res.inner_losses or [0.0]
+        self.loss += res.loss.item()
+        self.inner_first += inner[0]
+        self.inner_last += inner[-1]
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def values(self) -> list[float]:
+        return [self.loss, self.inner_first, self.inner_last, self.tokens]
+
+
+def add_fast_grads(total: list[Tensor] | None, fast: FastWeights | None) -> list[Tensor] | None:
+    """The running sum over micro-batches of dL_outer/dphi_K (see clip_gradients)."""
+    if fast is None:
+        return total
+    grads = fast_grads_of(fast)
+    return grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+
+
+def metrics_row(step: int, epoch: int, totals: list[float], n_real: float, n_targets: float, lr: float,
+                grad_norm: float, seconds: float, bilevel: bool) -> dict:
+    loss, inner_first, inner_last, tokens = totals
+    row = {"step": step, "epoch": epoch, "loss": loss / n_real, "lr": lr, "grad_norm": grad_norm,
+           "tokens": int(tokens), "tokens_per_s": tokens / seconds, "step_s": seconds,
+           "response_tokens": int(n_targets)}
+    if bilevel:
+        row.update(inner_first=inner_first / n_real, inner_last=inner_last / n_real)
+    return row
+
+
+def count_bad_step(state: TrainState, finite: bool, row: dict, job: Job, group: list[list[int]], run: Run) -> None:
+    """The non-finite policy: a step with a non-finite loss or gradient norm was skipped (no update);
+    count it, and name every rank's samples of the step in its metrics row and on the console."""
+    if finite:
+        state.bad_run = 0
+        return
+    state.bad_steps, state.bad_run = state.bad_steps + 1, state.bad_run + 1
+    sources = [job.samples[i].source for mb in group for i in mb]
+    every = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(every, sources)
+    else:
+        every = [sources]
+    row.update(skipped="non-finite loss or gradient norm", bad_steps=state.bad_steps,
+               samples=[s for part in every for s in part])
+    if run.main:
+        tqdm.write(f"step {row['step']}: non-finite loss or gradient norm, optimizer step skipped "
+                   f"({state.bad_run} in a row); samples: {', '.join(row['samples'])}")
+
+
+def after_step(job: Job, state: TrainState, optimizer, stopping: bool, run: Run) -> bool:
+    """What may follow an optimizer step: stop after too many bad steps in a row (with a checkpoint),
+    stop on a signal (checkpoint, exit 0: True), the periodic training checkpoint and HF export."""
+    a, out, step = job.args, job.out, state.step
+    if state.bad_run > a.max_bad_steps:
+        checkpoint(job, state, optimizer, run)
+        fail(f"{state.bad_run} optimizer steps in a row had a non-finite loss or gradient norm (--max-bad-steps "
+             f"{a.max_bad_steps}); the last good weights are in {out / 'checkpoints'}. Lower --lr or check "
+             f"the samples logged in {out / 'metrics.jsonl'}")
+    if stopping:
+        saved = checkpoint(job, state, optimizer, run)
+        if run.main:
+            how = f"resume with the same command (with --out {out})" if saved else "the checkpoint could not be written"
+            print(f"stopped by a signal after step {step}: {how}")
+        return True
+    if a.ckpt_every and step % a.ckpt_every == 0 and step < job.total_steps:
+        checkpoint(job, state, optimizer, run)
+    if a.save_every and step % a.save_every == 0 and step < job.total_steps:
+        weights = full_state(job.model, run, job.dtype)  # every rank: a collective under FSDP
+        if run.main:
+            try:
+                export(weights, job.model, out / f"step-{step}", job.model_dir, job.eos_ids)
+            except OSError as e:
+                        tqdm.write(f"focusft.py: warning: export {out / f'step-{step}'} failed ({e}); training goes on")
+    return False
+
+
+def checkpoint(job: Job, state: TrainState, optimizer, run: Run) -> Path | None:
+    return save_training_checkpoint(job.out, state.step, job.model, optimizer,
+                                    {"bad_steps": state.bad_steps, "bad_run": state.bad_run}, job.args, run)
+
+
+def finish(job: Job, state: TrainState, optimizer, run: Run) -> None:
+    """The final HF export (never losing the weights: a checkpoint if it fails), then the summary."""
+    if run.world > 1 and not run.fsdp and not replicas_agree(job.model, run):
+        fail("the ranks' weights differ after training (DDP desynchronised); the export would be wrong")
+    error, final = None, job.out / "final"
+    weights = full_state(job.model, run, job.dtype)
+    if run.main:
+        try:
+            export(weights, job.model, final, job.model_dir, job.eos_ids)
+        except OSError as e:
+            error = f"writing {final} failed ({e.strerror or e})"
+    if broadcast_str(error or "", run):  # never lose the trained weights: keep them as a checkpoint
+        saved = checkpoint(job, state, optimizer, run)
+        fail(f"{error}; " + (f"the trained weights are in {saved}" if saved else "no checkpoint could be written"))
+    if run.main:
+        print(diagnostics_table([r for r in read_metrics(job.out / "metrics.jsonl") if "attn_base" in r]))
+        layout = f"sharded (FSDP) over {run.world}" if run.fsdp else "weights identical on every rank"
+        skipped = f", {state.bad_steps} skipped non-finite step(s)" if state.bad_steps else ""
+        print(f"done: {state.step} steps on {run.world} process(es), {layout}{skipped}; checkpoint {final}, "
+              f"metrics {job.out / 'metrics.jsonl'}")
+    barrier(run)
+
+
+def diagnostics_row(job: Job, objective: nn.Module, batch: dict, fast: FastWeights | None, step: int,
+                    run: Run) -> dict:
+    """The attention statistics of rank 0's micro-batch, with the base weights and with phi_K. Under
+    FSDP every rank computes them (the weights are gathered); otherwise rank 0 alone."""
+    if not (run.main or run.fsdp):
+        return {}
+    mask = None if job.args.causal else hybrid_mask(batch["loss_mask"], batch["attention_mask"])
+    inputs = (batch["input_ids"], batch["loss_mask"], batch["attention_mask"], mask)
+    with gathered(objective, run):
+        row = {"step": step, "attn_base": attention_diagnostics(job.model, *inputs)}
+        if fast is not None:
+            row["attn_fast"] = attention_diagnostics(job.model, *inputs, fast)
+    return row
+
+
+def log(job: Job, row: dict, run: Run) -> None:
+    if run.main and row:
+        with open(job.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def progress_bar(job: Job, step: int, run: Run):
+    return tqdm(total=job.total_steps, initial=step, disable=not run.main, dynamic_ncols=True, desc=job.name)
+
+
+def show_progress(bar, row: dict, job: Job, run: Run) -> None:
+    if run.main:
+        inner = f" inner {row['inner_first']:.3f}->{row['inner_last']:.3f}" if job.bilevel else ""
+        bar.set_postfix_str(f"loss {row['loss']:.4f}{inner} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
+        bar.update(1)
+
+
+def diagnostics_table(rows: list[dict]) -> str:
+    """Start vs end attention statistics of response queries (paper sections 2.2 and 4.4)."""
+    if not rows:
+        return ""
+    start, end = rows[0], rows[-1]
+    lines = [f"attention of response queries      start (step {start['step']})   end (step {end['step']})"]
+    for key, label in (("attn_base", "base weights"), ("attn_fast", "with fast weights")):
+        if key in start and key in end:
+            for stat in ("sink_mass", "context_engagement"):
+                lines.append(f"  {label:18s} {stat:19s} {start[key][stat]:8.4f}        {end[key][stat]:8.4f}")
+    return "\n".join(lines)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="focusft.py", description="FocuSFT fine-tuning of a Qwen2/Qwen2.5 checkpoint "
         "(defaults: the paper's configuration).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -724,54 +826,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop after this many consecutive optimizer steps with a non-finite loss or gradient")
     g.add_argument("--attn-every", type=int, default=0,
                    help="attention diagnostics every N steps (always at the start and the end; 0: only then)")
+    return p
+
+
+# Lower bounds of the integer and float flags (None: the flag is unset).
+AT_LEAST = {"inner_steps": 0, "rank": 1, "epochs": 1, "max_steps": 1, "lr": 0, "grad_clip": 0, "micro_batch": 1,
+            "grad_accum": 1, "max_len": 2, "save_every": 0, "attn_every": 0, "ckpt_every": 0, "keep": 1,
+            "max_bad_steps": 0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     bad = [unknown for unknown in args.targets if unknown not in TARGETS]
     checks = [
         (not args.data, "--data: give one or more JSONL/parquet files"),
         (bad, f"--targets: unknown projection(s) {', '.join(bad)}; choose from {', '.join(TARGETS)}"),
-        (args.inner_steps < 0, "--inner-steps must be >= 0"),
         (args.inner_lr <= 0, "--inner-lr must be > 0"),
         (args.inner_clip <= 0, "--inner-clip must be > 0"),
-        (args.rank < 1, "--rank must be >= 1"),
         (not 0 < args.layer_fraction <= 1, "--layer-fraction must be in (0, 1]"),
-        (args.epochs < 1, "--epochs must be >= 1"),
-        (args.max_steps is not None and args.max_steps < 1, "--max-steps must be >= 1"),
-        (args.lr < 0, "--lr must be >= 0"),
         (not 0 <= args.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-        (args.grad_clip < 0, "--grad-clip must be >= 0"),
-        (args.micro_batch < 1, "--micro-batch must be >= 1"),
-        (args.grad_accum < 1, "--grad-accum must be >= 1"),
-        (args.max_len < 2, "--max-len must be >= 2"),
-        (args.save_every < 0, "--save-every must be >= 0"),
-        (args.attn_every < 0, "--attn-every must be >= 0"),
-        (args.ckpt_every < 0, "--ckpt-every must be >= 0"),
-        (args.keep < 1, "--keep must be >= 1"),
-        (args.max_bad_steps < 0, "--max-bad-steps must be >= 0"),
+        *((getattr(args, k) is not None and getattr(args, k) < low, f"--{k.replace('_', '-')} must be >= {low}")
+          for k, low in AT_LEAST.items()),
     ]
     for failed, message in checks:
         if failed:
             p.error(message)
     return args
-
-
-
-
-def fail(message: str) -> None:
-    """One clear message (a line, or the data problem list), exit status 1, no traceback. Under
-    torchrun rank 0 prints it whole and the other ranks its first line only, each in one write so
-    the ranks' messages never interleave."""
-    rank = int(os.environ.get("RANK", "0"))
-    text = f"focusft.py: error: {message}" if rank == 0 else f"focusft.py: error (rank {rank}): " + message.split(
-        "\n")[0]
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-    sys.exit(1)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -782,245 +863,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if run.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def train(args: argparse.Namespace, run: Run) -> None:
-    args.dtype = args.dtype or ("bf16" if run.device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    method = method_kwargs(args)
-    name = ("sft" if method["inner_steps"] == 0 else "focusft") + ("-causal" if args.causal else "")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(broadcast_str(args.out or f"runs/{Path(str(args.model)).name}-{name}-{stamp}", run))
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out}: exists and is not a directory")
-    ckpt, trainer_state = resume_point(out, args, run)
-
-    # -- model, tokenizer, data: all validated before the output directory is touched ---------
-    try:
-        model_dir = qwen2.checkpoint_dir(args.model)
-        tokenizer = data.load_tokenizer(model_dir)
-    except (qwen2.CheckpointError, data.DataError) as e:
-        fail(e.problems[0] if isinstance(e, data.DataError) else str(e))
-    try:
-        samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
-        # FSDP keeps fp32 master weights and computes in `dtype`; DDP computes in the weights' dtype.
-        model = qwen2.from_pretrained(ckpt or model_dir, dtype=torch.float32 if args.fsdp else dtype,
-                                      device=run.device)
-    except (qwen2.CheckpointError, data.DataError) as e:
-        fail(str(e))
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        fail(f"{model_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's embedding "
-             f"only {model.config.vocab_size} rows")
-    if method["inner_steps"] > 0 and not adapted_layers(model.config.num_hidden_layers, args.layer_fraction):
-        fail(f"--layer-fraction {args.layer_fraction} adapts no layer of a {model.config.num_hidden_layers}-layer "
-             f"model")
-    pad_id = data.special_token_id(tokenizer, data.ENDOFTEXT)
-    eos_ids = sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, data.IM_END)})
-    lengths = [len(s) for s in samples]
-    per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, 0))
-    steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
-    logged = read_metrics(out / "metrics.jsonl")
-    if (out / "final").is_dir() and logged and logged[-1]["step"] >= total_steps:
-        if run.main:
-            print(f"{out} already holds this run, finished ({out / 'final'}): nothing to do")
-        return
-    try:
-        if run.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": run.world}, indent=2) + "\n")
-            # A resumed run rewrites the metrics the interrupted one logged after its checkpoint.
-            up_to = trainer_state["step"] if ckpt else -1
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged if r["step"] <= up_to))
-    except OSError as e:
-        fail(f"--out {out}: cannot write there ({e.strerror or e})")
-    if run.main:
-        print(stats.summary())
-
-    # -- DDP or FSDP, then the optimizer over the (possibly sharded) parameters ----------------------
-    objective = parallelize(Objective(model, method), run, dtype)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
-                                  fused=run.device.type == "cuda")
-    step, bad_total, bad_run = 0, 0, 0
-    if ckpt:
-        load_optimizer_state(optimizer, ckpt, run)
-        restore_rng(ckpt, run)
-        step, bad_total, bad_run = trainer_state["step"], trainer_state["bad_steps"], trainer_state["bad_run"]
-    if run.main:
-        top = adapted_layers(model.config.num_hidden_layers, args.layer_fraction)
-        inner = f"fast weights on layers {top.start}..{top.stop - 1}" if method["inner_steps"] else "no inner loop"
-        print(f"{name}: {run.world} process(es), {args.micro_batch} x {args.grad_accum} x {run.world} samples "
-              f"per step, {steps_per_epoch} steps per epoch, {total_steps} steps, {dtype}, {inner}; output {out}"
-              + (f"\nresuming from {ckpt} (step {step})" if ckpt else ""))
-
-    def diagnose(batch: dict, fast: FastWeights | None, at: int) -> dict:
-        """On rank 0's micro-batch; under FSDP every rank computes it (the weights are gathered)."""
-        mask = None if args.causal else hybrid_mask(batch["loss_mask"], batch["attention_mask"])
-        inputs = (batch["input_ids"], batch["loss_mask"], batch["attention_mask"], mask)
-        with gathered(objective, run):
-            row = {"step": at, "attn_base": attention_diagnostics(model, *inputs)}
-            if fast is not None:
-                row["attn_fast"] = attention_diagnostics(model, *inputs, fast)
-        return row
-
-    def log(row: dict) -> None:
-        if run.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def checkpoint(at: int) -> Path | None:
-        return save_training_checkpoint(out, at, model, optimizer, {"bad_steps": bad_total, "bad_run": bad_run},
-                                        args, run)
-
-    from tqdm import tqdm
-    stop = StopRequest()
-    bar = tqdm(total=total_steps, initial=step, disable=not run.main, dynamic_ncols=True, desc=name)
-    last_batch, micro_epoch, micro = None, None, []
-    while step < total_steps:
-        # The position of `step` in the data: epoch, then the first micro-batch of this step.
-        epoch, first = step // steps_per_epoch, (step % steps_per_epoch) * args.grad_accum
-        if epoch >= args.epochs:
-            break
-        if epoch != micro_epoch:  # this rank's micro-batches, once per epoch
-            micro_epoch = epoch
-            micro = data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, epoch)
-        group = micro[first:first + args.grad_accum]
-        t0 = time.perf_counter()
-        batches = [data.collate([samples[i] for i in mb] or [samples[0]], pad_id) for mb in group]
-        n_targets = [int(targets_of(b["input_ids"], b["loss_mask"], b["attention_mask"])[1].numel()) if mb else 0
-                     for b, mb in zip(batches, group, strict=True)]
-        # Every rank needs the step's totals before its backward passes, to weigh its micro-batches.
-        real_mb, real_targets = all_reduce_sum([sum(1 for mb in group if mb), sum(n_targets)], run)
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss, first inner loss, last inner loss, tokens
-        fast_grads = None  # sum over micro-batches of the weighted dL_outer/dphi_K (see clip_gradients)
-        for j, (mb, batch) in enumerate(zip(group, batches, strict=True)):
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            if isinstance(objective, nn.parallel.DistributedDataParallel):
-                objective.require_backward_grad_sync = j == len(group) - 1
-            gen = fast_weight_generator(args.seed, epoch, (first + j) * run.world + run.rank)
-            if run.fsdp:  # the embeddings and lm_head stay gathered through the inner backward passes
-                objective.set_reshard_after_backward(False, recurse=False)
-            res = objective(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], gen)
-            if run.fsdp:
-                objective.set_reshard_after_backward(True, recurse=False)
-            # DDP averages gradients over ranks, hence the factor world. An empty slot at the end of
-            # an epoch (fewer micro-batches than ranks) runs for DDP's sake and counts for nothing.
-            if not mb:
-                weight = 0.0
-            elif args.loss_norm == "token":
-                weight = run.world * n_targets[j] / real_targets
-            else:
-                weight = run.world / real_mb
-            (res.loss * weight).backward()
-            if res.fast is not None:  # summed over the micro-batches, for the clip's norm
-                g = fast_grads_of(res.fast)
-                fast_grads = g if fast_grads is None else [a + b for a, b in zip(fast_grads, g, strict=True)]
-            if mb:
-                inner = res.inner_losses or [0.0]
-                sums = [sums[0] + res.loss.item(), sums[1] + inner[0], sums[2] + inner[-1],
-                        sums[3] + int(batch["attention_mask"].sum())]
-            if mb or last_batch is None:
-                last_batch = (batch, res.fast)
-            if (run.main or run.fsdp) and step == 0 and j == 0:  # the start of training, before any update
-                t_diag = time.perf_counter()
-                log(diagnose(batch, res.fast, 0))
-                t0 += time.perf_counter() - t_diag  # not part of the step time
-        grad_norm = clip_gradients(model, fast_grads, args.grad_clip, run)
-        # One all-reduce carries the metrics and any stop request, so all ranks decide alike.
-        loss, in_first, in_last, tokens, stopping = all_reduce_sum([*sums, float(stop.signal is not None)], run)
-        lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr
-            optimizer.step()
-            bad_run = 0
-        else:  # skipped on every rank alike: the loss sum and the synced gradient norm are the same
-            bad_total, bad_run = bad_total + 1, bad_run + 1
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        row = {"step": step, "epoch": epoch, "loss": loss / real_mb, "lr": lr, "grad_norm": grad_norm,
-               "tokens": int(tokens), "tokens_per_s": tokens / dt, "step_s": dt, "response_tokens": int(real_targets)}
-        if method["inner_steps"]:
-            row.update(inner_first=in_first / real_mb, inner_last=in_last / real_mb)
-        if not finite:
-            sources = [samples[i].source for mb in group for i in mb]
-            every = [None] * run.world
-            if run.world > 1:
-                dist.all_gather_object(every, sources)
-            else:
-                every = [sources]
-            row.update(skipped="non-finite loss or gradient norm", bad_steps=bad_total,
-                       samples=[s for part in every for s in part])
-            if run.main:
-                tqdm.write(f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
-                           f"({bad_run} in a row); samples: {', '.join(row['samples'])}")
-        if (run.main or run.fsdp) and finite and (step == total_steps or
-                                                  (args.attn_every and step % args.attn_every == 0)):
-            row.update({k: v for k, v in diagnose(*last_batch, step).items() if k != "step"})
-        log(row)
-        if run.main:
-            inner = f" inner {row['inner_first']:.3f}->{row['inner_last']:.3f}" if method["inner_steps"] else ""
-            bar.set_postfix_str(f"loss {row['loss']:.4f}{inner} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
-            bar.update(1)
-        if bad_run > args.max_bad_steps:
-            checkpoint(step)
-            fail(f"{bad_run} optimizer steps in a row had a non-finite loss or gradient norm (--max-bad-steps "
-                 f"{args.max_bad_steps}); the last good weights are in {out / 'checkpoints'}. Lower --lr or check "
-                 f"the samples logged in {out / 'metrics.jsonl'}")
-        if stopping:
-            saved = checkpoint(step)
-            if run.main:
-                bar.close()
-                how = (f"resume with the same command (with --out {out})" if saved else
-                       "the checkpoint could not be written")
-                print(f"stopped by a signal after step {step}: {how}")
-            return
-        if args.ckpt_every and step % args.ckpt_every == 0 and step < total_steps:
-            checkpoint(step)
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            state = full_state(model, run, dtype)  # every rank: a collective under FSDP
-            if run.main:
-                try:
-                    export(state, model, out / f"step-{step}", model_dir, eos_ids)
-                except OSError as e:
-                    tqdm.write(f"focusft.py: warning: export {out / f'step-{step}'} failed ({e}); training goes on")
-    bar.close()
-    if run.world > 1 and not run.fsdp and not replicas_agree(model, run):
-        fail("the ranks' weights differ after training (DDP desynchronised); the export would be wrong")
-    error = None
-    state = full_state(model, run, dtype)
-    if run.main:
-        try:
-            export(state, model, out / "final", model_dir, eos_ids)
-        except OSError as e:
-            error = f"writing {out / 'final'} failed ({e.strerror or e})"
-    if broadcast_str(error or "", run):  # never lose the trained weights: keep them as a checkpoint
-        saved = checkpoint(step)
-        fail(f"{error}; " + (f"the trained weights are in {saved}" if saved else "no checkpoint could be written"))
-    if run.main:
-        print(diagnostics_table([r for r in read_metrics(out / "metrics.jsonl") if "attn_base" in r]))
-        layout = f"sharded (FSDP) over {run.world}" if run.fsdp else "weights identical on every rank"
-        print(f"done: {step} steps on {run.world} process(es), {layout}"
-              f"{f', {bad_total} skipped non-finite step(s)' if bad_total else ''}; checkpoint {out / 'final'}, "
-              f"metrics {out / 'metrics.jsonl'}")
-    barrier(run)
-
-
-def diagnostics_table(rows: list[dict]) -> str:
-    """Start vs end attention statistics of response queries (DESIGN.md section 3)."""
-    if not rows:
-        return ""
-    start, end = rows[0], rows[-1]
-    lines = [f"attention of response queries      start (step {start['step']})   end (step {end['step']})"]
-    for key, label in (("attn_base", "base weights"), ("attn_fast", "with fast weights")):
-        if key in start and key in end:
-            for stat in ("sink_mass", "context_engagement"):
-                lines.append(f"  {label:18s} {stat:19s} {start[key][stat]:8.4f}        {end[key][stat]:8.4f}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
