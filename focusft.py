@@ -38,7 +38,7 @@ import data
 import qwen2
 from qwen2 import FastWeights, LowRank, Qwen2ForCausalLM
 from training import (
-    Run,
+    Processes,
     StopRequest,
     all_reduce_sum,
     barrier,
@@ -141,6 +141,25 @@ def clip_per_tensor(g: Tensor, max_norm: float) -> Tensor:
     return (g.float() * factor).to(g.dtype)
 
 
+def factors(fast: FastWeights) -> list[Tensor]:
+    """phi as a flat list: every A and B, in (layer, projection, A then B) order."""
+    return [t for per in fast.values() for low_rank in per.values() for t in (low_rank.A, low_rank.B)]
+
+
+def as_leaves(fast: FastWeights) -> FastWeights:
+    """phi as fresh autograd leaves (same values), so a backward gives their gradients."""
+    return {i: {n: LowRank(A.detach().requires_grad_(), B.detach().requires_grad_(), s) for n, (A, B, s) in per.items()}
+            for i, per in fast.items()}
+
+
+@torch.no_grad()
+def sgd_step(fast: FastWeights, grads: list[Tensor], lr: float, clip: float) -> FastWeights:
+    """phi <- phi - eta * clip(g) for every factor (eq. 3); grads in `factors` order."""
+    g = iter(grads)
+    return {i: {n: LowRank(A - lr * clip_per_tensor(next(g), clip), B - lr * clip_per_tensor(next(g), clip), s)
+                for n, (A, B, s) in per.items()} for i, per in fast.items()}
+
+
 def inner_loop(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastWeights, where: Tensor,
                labels: Tensor, steps: int, lr: float, clip: float,
                checkpoint: bool = False) -> tuple[FastWeights, list[Tensor]]:
@@ -152,15 +171,9 @@ def inner_loop(model: Qwen2ForCausalLM, h: Tensor, start: int, mask, fast: FastW
         h = model.run_attention(h, start, mask=mask)
     losses = []
     for _ in range(steps):
-        fast = {i: {n: LowRank(A.detach().requires_grad_(), B.detach().requires_grad_(), s)
-                    for n, (A, B, s) in per.items()} for i, per in fast.items()}
-        params = [t for per in fast.values() for lr_ in per.values() for t in (lr_.A, lr_.B)]
+        fast = as_leaves(fast)
         loss = response_loss(model, h, start, mask, fast, where, labels, checkpoint, attended=True)
-        grads = iter(torch.autograd.grad(loss, params))
-        with torch.no_grad():
-            fast = {i: {n: LowRank(A - lr * clip_per_tensor(next(grads), clip),
-                                   B - lr * clip_per_tensor(next(grads), clip), s)
-                        for n, (A, B, s) in per.items()} for i, per in fast.items()}
+        fast = sgd_step(fast, torch.autograd.grad(loss, factors(fast)), lr, clip)
         losses.append(loss.detach())
     return fast, losses
 
@@ -198,8 +211,7 @@ def focusft_step(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask: Tensor, 
         # phi_K is a constant of the outer loss, but its outer gradient dL/dphi_K is still wanted: the
         # authors' fast weights are module parameters, so their outer backward fills it and the global
         # gradient-norm clip counts it (`clip_gradients`). Rank-r factors: cheap next to theta's.
-        fast = {i: {n: LowRank(A.requires_grad_(), B.requires_grad_(), s) for n, (A, B, s) in per.items()}
-                for i, per in fast.items()}
+        fast = as_leaves(fast)
     top_checkpoint = inner_checkpoint if inner_steps > 0 else checkpoint
     loss = response_loss(model, h, start, mask, fast, where, labels, top_checkpoint)  # phi_K constant
     return StepOutput(loss, [x.item() for x in inner], fast)
@@ -245,24 +257,11 @@ def reference_focusft_loss(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask
         fast = init_fast_weights(model, adapted_layers(L, layer_fraction), targets, rank, alpha, generator,
                                  init_A)
         for _ in range(inner_steps):
-            for per in fast.values():
-                for lr_ in per.values():
-                    lr_.A.requires_grad_()
-                    lr_.B.requires_grad_()
+            fast = as_leaves(fast)
             loss = full_loss(fast)
-            params = [t for per in fast.values() for lr_ in per.values() for t in (lr_.A, lr_.B)]
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                new = [p - inner_lr * clip_per_tensor(g, inner_clip)
-                       for p, g in zip(params, grads, strict=True)]
-            it = iter(new)
-            fast = {i: {n: LowRank(next(it), next(it), lr_.scale) for n, lr_ in per.items()}
-                    for i, per in fast.items()}
+            fast = sgd_step(fast, torch.autograd.grad(loss, factors(fast)), inner_lr, inner_clip)
             inner.append(loss.item())
-        for per in fast.values():  # the authors' fast weights are parameters in the outer graph too
-            for lr_ in per.values():
-                lr_.A.requires_grad_()
-                lr_.B.requires_grad_()
+        fast = as_leaves(fast)  # the authors' fast weights are parameters in the outer graph too
     return full_loss(fast), inner
 
 
@@ -327,10 +326,10 @@ def method_kwargs(args) -> dict:
 def fast_grads_of(fast: FastWeights) -> list[Tensor]:
     """dL_outer/dphi_K after the outer backward, fp32, in a fixed (layer, projection, A/B) order."""
     return [t.grad.float() if t.grad is not None else torch.zeros_like(t, dtype=torch.float32)
-            for per in fast.values() for lr_ in per.values() for t in (lr_.A, lr_.B)]
+            for t in factors(fast)]
 
 
-def clip_gradients(model: nn.Module, fast_grads: list[Tensor] | None, max_norm: float, run: Run) -> float:
+def clip_gradients(model: nn.Module, fast_grads: list[Tensor] | None, max_norm: float, procs: Processes) -> float:
     """The global gradient-norm clip of an optimizer step (max_norm 0: measure only); returns the norm.
 
     The norm covers theta's gradients AND the fast weights' outer gradients, because the authors'
@@ -343,9 +342,9 @@ def clip_gradients(model: nn.Module, fast_grads: list[Tensor] | None, max_norm: 
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
     if fast_grads:
         flat = torch.cat([g.flatten() for g in fast_grads])
-        if run.world > 1:  # averaged over ranks, as DDP averages the authors' fast-weight gradients
+        if procs.world > 1:  # averaged over ranks, as DDP averages the authors' fast-weight gradients
             dist.all_reduce(flat)
-            flat /= run.world
+            flat /= procs.world
         norm = torch.linalg.vector_norm(torch.stack([norm.to(flat.device), flat.norm()]))
     if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s factor
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0).item()
@@ -383,19 +382,19 @@ def fast_weight_generator(seed: int, epoch: int, micro_batch_index: int) -> torc
 # The training loop
 
 
-def train(args: argparse.Namespace, run: Run) -> None:
+def train(args: argparse.Namespace, procs: Processes) -> None:
     """Each optimizer step: for each of this rank's micro-batches, FocuSFT's outer loss
     (`focusft_step`: mask, inner loop, outer loss) and its backward; then the global gradient clip,
     AdamW at the scheduled learning rate, and one metrics row. Everything else is one call."""
-    job = prepare(args, run)  # model, data, output directory: all validated before training starts
+    job = prepare(args, procs)  # model, data, output directory: all validated before training starts
     if job is None:
         return
     model = job.model
-    objective = parallelize(Objective(model, method_kwargs(args)), run, job.dtype)  # DDP or FSDP2
+    objective = parallelize(Objective(model, method_kwargs(args)), procs, job.dtype)  # DDP or FSDP2
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
-                                  fused=run.device.type == "cuda")
-    state = resume(job, optimizer, run)  # step 0, or where the newest checkpoint in --out stopped
-    stop, bar = StopRequest(), progress_bar(job, state.step, run)
+                                  fused=procs.device.type == "cuda")
+    state = resume(job, optimizer, procs)  # step 0, or where the newest checkpoint in --out stopped
+    stop, bar = StopRequest(), progress_bar(job, state.step, procs)
     last = None  # (batch, phi_K) of the last real micro-batch, for the attention diagnostics
     while state.step < job.total_steps:
         epoch, first, group = job.micro_batches(state.step)
@@ -403,12 +402,12 @@ def train(args: argparse.Namespace, run: Run) -> None:
             break
         t0 = time.perf_counter()
         batches = [data.collate([job.samples[i] for i in mb] or [job.samples[0]], job.pad_id) for mb in group]
-        weights, n_real, n_targets = loss_weights(group, batches, args.loss_norm, run)
+        weights, n_real, n_targets = loss_weights(group, batches, args.loss_norm, procs)
         sums, fast_grads = StepSums(), None
         for j, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            gen = fast_weight_generator(args.seed, epoch, (first + j) * run.world + run.rank)
-            res = micro_batch_forward(objective, run, j == len(batches) - 1, batch["input_ids"],
+            batch = {k: v.to(procs.device) for k, v in batch.items()}
+            gen = fast_weight_generator(args.seed, epoch, (first + j) * procs.world + procs.rank)
+            res = micro_batch_forward(objective, procs, j == len(batches) - 1, batch["input_ids"],
                                       batch["loss_mask"], batch["attention_mask"], gen)  # focusft_step
             (res.loss * weight).backward()
             fast_grads = add_fast_grads(fast_grads, res.fast)
@@ -418,11 +417,11 @@ def train(args: argparse.Namespace, run: Run) -> None:
                 last = (batch, res.fast)
             if state.step == 0 and j == 0:  # the start of training, before any update
                 t_diag = time.perf_counter()
-                log(job, diagnostics_row(job, objective, batch, res.fast, 0, run), run)
+                log(job, diagnostics_row(job, objective, batch, res.fast, 0, procs), procs)
                 t0 += time.perf_counter() - t_diag  # not part of the step time
-        grad_norm = clip_gradients(model, fast_grads, args.grad_clip, run)
+        grad_norm = clip_gradients(model, fast_grads, args.grad_clip, procs)
         # One all-reduce carries the metrics and any stop request, so all ranks decide alike.
-        *totals, stopping = all_reduce_sum([*sums.values(), float(stop.signal is not None)], run)
+        *totals, stopping = all_reduce_sum([*sums.values(), float(stop.signal is not None)], procs)
         lr = lr_at(state.step, job.total_steps, args.lr, args.warmup_ratio)
         finite = math.isfinite(totals[0]) and math.isfinite(grad_norm)
         if finite:  # else skipped on every rank alike: the sums and the synced gradient norm agree
@@ -433,16 +432,16 @@ def train(args: argparse.Namespace, run: Run) -> None:
         state.step += 1
         row = metrics_row(state.step, epoch, totals, n_real, n_targets, lr, grad_norm, time.perf_counter() - t0,
                           bilevel=job.bilevel)
-        count_bad_step(state, finite, row, job, group, run)  # the non-finite policy's bookkeeping
+        count_bad_step(state, finite, row, job, group, procs)  # the non-finite policy's bookkeeping
         if finite and (state.step == job.total_steps or (args.attn_every and state.step % args.attn_every == 0)):
-            row.update(diagnostics_row(job, objective, *last, state.step, run))
-        log(job, row, run)
-        show_progress(bar, row, job, run)
-        if after_step(job, state, optimizer, bool(stopping), run):  # bad-step limit, signal, checkpoints, exports
+            row.update(diagnostics_row(job, objective, *last, state.step, procs))
+        log(job, row, procs)
+        show_progress(bar, row, job, procs)
+        if after_step(job, state, optimizer, bool(stopping), procs):  # bad-step limit, signal, checkpoints, exports
             bar.close()
             return
     bar.close()
-    finish(job, state, optimizer, run)  # the final export, the diagnostics table, the summary
+    finish(job, state, optimizer, procs)  # the final export, the diagnostics table, the summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,51 +485,51 @@ class Job:
         return epoch, first, self._epoch[1][first:first + a.grad_accum]
 
 
-def prepare(args: argparse.Namespace, run: Run) -> Job | None:
+def prepare(args: argparse.Namespace, procs: Processes) -> Job | None:
     """Seeds, the output directory, the resume point, model, tokenizer and data, every check a user's
     input can fail, and the run's config.json; None when --out already holds this run, finished."""
-    args.dtype = args.dtype or ("bf16" if run.device.type == "cuda" else "fp32")
+    args.dtype = args.dtype or ("bf16" if procs.device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     name = ("sft" if args.no_bilevel or args.inner_steps == 0 else "focusft") + ("-causal" if args.causal else "")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(broadcast_str(args.out or f"runs/{Path(str(args.model)).name}-{name}-{stamp}", run))
+    out = Path(broadcast_str(args.out or f"runs/{Path(str(args.model)).name}-{name}-{stamp}", procs))
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: exists and is not a directory")
-    ckpt, trainer_state = resume_point(out, args, run)
-    model_dir, tokenizer, samples, stats, model = load_inputs(args, ckpt, run)
+    ckpt, trainer_state = resume_point(out, args, procs)
+    model_dir, tokenizer, samples, stats, model = load_inputs(args, ckpt, procs)
     lengths = [len(s) for s in samples]
-    per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, run.world, run.rank, args.seed, 0))
+    per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, procs.world, procs.rank, args.seed, 0))
     steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
     job = Job(args, name, out, dtype, model, model_dir, samples,
               pad_id=data.special_token_id(tokenizer, data.ENDOFTEXT),
               eos_ids=sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, data.IM_END)}),
               steps_per_epoch=steps_per_epoch, total_steps=args.max_steps or steps_per_epoch * args.epochs,
-              ckpt=ckpt, trainer_state=trainer_state, world=run.world, rank=run.rank)
+              ckpt=ckpt, trainer_state=trainer_state, world=procs.world, rank=procs.rank)
     if job.bilevel and not adapted_layers(model.config.num_hidden_layers, args.layer_fraction):
         fail(f"--layer-fraction {args.layer_fraction} adapts no layer of a {model.config.num_hidden_layers}-layer "
              f"model")
     logged = read_metrics(out / "metrics.jsonl")
     if (out / "final").is_dir() and logged and logged[-1]["step"] >= job.total_steps:
-        if run.main:
+        if procs.main:
             print(f"{out} already holds this run, finished ({out / 'final'}): nothing to do")
         return None
     try:
-        if run.main:
+        if procs.main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": run.world}, indent=2) + "\n")
+            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": procs.world}, indent=2) + "\n")
             # A resumed run rewrites the metrics the interrupted one logged after its checkpoint.
             up_to = trainer_state["step"] if ckpt else -1
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged if r["step"] <= up_to))
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e.strerror or e})")
-    if run.main:
+    if procs.main:
         print(stats.summary())
     return job
 
 
-def load_inputs(args: argparse.Namespace, ckpt: Path | None, run: Run) -> tuple:
+def load_inputs(args: argparse.Namespace, ckpt: Path | None, procs: Processes) -> tuple:
     """(model_dir, tokenizer, samples, stats, model), or one clear error naming the file."""
     try:
         model_dir = qwen2.checkpoint_dir(args.model)
@@ -542,7 +541,7 @@ def load_inputs(args: argparse.Namespace, ckpt: Path | None, run: Run) -> tuple:
         # FSDP keeps fp32 master weights and computes in --dtype; DDP computes in the weights' dtype.
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         model = qwen2.from_pretrained(ckpt or model_dir, dtype=torch.float32 if args.fsdp else dtype,
-                                      device=run.device)
+                                      device=procs.device)
     except (qwen2.CheckpointError, data.DataError) as e:
         fail(str(e))
     if tokenizer.get_vocab_size() > model.config.vocab_size:
@@ -560,27 +559,27 @@ class TrainState:
     bad_run: int = 0  # ... in a row, up to now
 
 
-def resume(job: Job, optimizer: torch.optim.Optimizer, run: Run) -> TrainState:
+def resume(job: Job, optimizer: torch.optim.Optimizer, procs: Processes) -> TrainState:
     """A fresh state, or the checkpoint's: its optimizer states, RNG states and counters."""
     if job.ckpt is None:
         state = TrainState()
     else:
-        load_optimizer_state(optimizer, job.ckpt, run)
-        restore_rng(job.ckpt, run)
+        load_optimizer_state(optimizer, job.ckpt, procs)
+        restore_rng(job.ckpt, procs)
         saved = job.trainer_state
         state = TrainState(saved["step"], saved["bad_steps"], saved["bad_run"])
-    if run.main:
+    if procs.main:
         top = adapted_layers(job.model.config.num_hidden_layers, job.args.layer_fraction)
         inner = f"fast weights on layers {top.start}..{top.stop - 1}" if job.bilevel else "no inner loop"
         a = job.args
-        print(f"{job.name}: {run.world} process(es), {a.micro_batch} x {a.grad_accum} x {run.world} samples per "
+        print(f"{job.name}: {procs.world} process(es), {a.micro_batch} x {a.grad_accum} x {procs.world} samples per "
               f"step, {job.steps_per_epoch} steps per epoch, {job.total_steps} steps, {job.dtype}, {inner}; output "
               f"{job.out}" + (f"\nresuming from {job.ckpt} (step {state.step})" if job.ckpt else ""))
     return state
 
 
 def loss_weights(group: list[list[int]], batches: list[dict], loss_norm: str,
-                 run: Run) -> tuple[list[float], float, float]:
+                 procs: Processes) -> tuple[list[float], float, float]:
     """Each micro-batch's weight in the step's loss, and the step's real micro-batches and response
     tokens over all ranks. --loss-norm micro-batch: the mean of the micro-batch means; token: the mean
     over the step's response tokens. DDP and FSDP average gradients over ranks, hence the factor
@@ -589,8 +588,8 @@ def loss_weights(group: list[list[int]], batches: list[dict], loss_norm: str,
     n_targets = [int(targets_of(b["input_ids"], b["loss_mask"], b["attention_mask"])[1].numel()) if mb else 0
                  for b, mb in zip(batches, group, strict=True)]
     # Every rank needs the step's totals before its backward passes, to weigh its micro-batches.
-    n_real, n_total = all_reduce_sum([sum(1 for mb in group if mb), sum(n_targets)], run)
-    weights = [0.0 if not mb else run.world * n / n_total if loss_norm == "token" else run.world / n_real
+    n_real, n_total = all_reduce_sum([sum(1 for mb in group if mb), sum(n_targets)], procs)
+    weights = [0.0 if not mb else procs.world * n / n_total if loss_norm == "token" else procs.world / n_real
                for mb, n in zip(group, n_targets, strict=True)]
     return weights, n_real, n_total
 
@@ -634,7 +633,8 @@ def metrics_row(step: int, epoch: int, totals: list[float], n_real: float, n_tar
     return row
 
 
-def count_bad_step(state: TrainState, finite: bool, row: dict, job: Job, group: list[list[int]], run: Run) -> None:
+def count_bad_step(state: TrainState, finite: bool, row: dict, job: Job, group: list[list[int]],
+                   procs: Processes) -> None:
     """The non-finite policy: a step with a non-finite loss or gradient norm was skipped (no update);
     count it, and name every rank's samples of the step in its metrics row and on the console."""
     if finite:
@@ -642,38 +642,38 @@ def count_bad_step(state: TrainState, finite: bool, row: dict, job: Job, group: 
         return
     state.bad_steps, state.bad_run = state.bad_steps + 1, state.bad_run + 1
     sources = [job.samples[i].source for mb in group for i in mb]
-    every = [None] * run.world
-    if run.world > 1:
+    every = [None] * procs.world
+    if procs.world > 1:
         dist.all_gather_object(every, sources)
     else:
         every = [sources]
     row.update(skipped="non-finite loss or gradient norm", bad_steps=state.bad_steps,
                samples=[s for part in every for s in part])
-    if run.main:
+    if procs.main:
         tqdm.write(f"step {row['step']}: non-finite loss or gradient norm, optimizer step skipped "
                    f"({state.bad_run} in a row); samples: {', '.join(row['samples'])}")
 
 
-def after_step(job: Job, state: TrainState, optimizer, stopping: bool, run: Run) -> bool:
+def after_step(job: Job, state: TrainState, optimizer, stopping: bool, procs: Processes) -> bool:
     """What may follow an optimizer step: stop after too many bad steps in a row (with a checkpoint),
     stop on a signal (checkpoint, exit 0: True), the periodic training checkpoint and HF export."""
     a, out, step = job.args, job.out, state.step
     if state.bad_run > a.max_bad_steps:
-        checkpoint(job, state, optimizer, run)
+        checkpoint(job, state, optimizer, procs)
         fail(f"{state.bad_run} optimizer steps in a row had a non-finite loss or gradient norm (--max-bad-steps "
              f"{a.max_bad_steps}); the last good weights are in {out / 'checkpoints'}. Lower --lr or check "
              f"the samples logged in {out / 'metrics.jsonl'}")
     if stopping:
-        saved = checkpoint(job, state, optimizer, run)
-        if run.main:
+        saved = checkpoint(job, state, optimizer, procs)
+        if procs.main:
             how = f"resume with the same command (with --out {out})" if saved else "the checkpoint could not be written"
             print(f"stopped by a signal after step {step}: {how}")
         return True
     if a.ckpt_every and step % a.ckpt_every == 0 and step < job.total_steps:
-        checkpoint(job, state, optimizer, run)
+        checkpoint(job, state, optimizer, procs)
     if a.save_every and step % a.save_every == 0 and step < job.total_steps:
-        weights = full_state(job.model, run, job.dtype)  # every rank: a collective under FSDP
-        if run.main:
+        weights = full_state(job.model, procs, job.dtype)  # every rank: a collective under FSDP
+        if procs.main:
             try:
                 export(weights, job.model, out / f"step-{step}", job.model_dir, job.eos_ids)
             except OSError as e:
@@ -681,61 +681,61 @@ def after_step(job: Job, state: TrainState, optimizer, stopping: bool, run: Run)
     return False
 
 
-def checkpoint(job: Job, state: TrainState, optimizer, run: Run) -> Path | None:
+def checkpoint(job: Job, state: TrainState, optimizer, procs: Processes) -> Path | None:
     return save_training_checkpoint(job.out, state.step, job.model, optimizer,
-                                    {"bad_steps": state.bad_steps, "bad_run": state.bad_run}, job.args, run)
+                                    {"bad_steps": state.bad_steps, "bad_run": state.bad_run}, job.args, procs)
 
 
-def finish(job: Job, state: TrainState, optimizer, run: Run) -> None:
+def finish(job: Job, state: TrainState, optimizer, procs: Processes) -> None:
     """The final HF export (never losing the weights: a checkpoint if it fails), then the summary."""
-    if run.world > 1 and not run.fsdp and not replicas_agree(job.model, run):
+    if procs.world > 1 and not procs.fsdp and not replicas_agree(job.model, procs):
         fail("the ranks' weights differ after training (DDP desynchronised); the export would be wrong")
     error, final = None, job.out / "final"
-    weights = full_state(job.model, run, job.dtype)
-    if run.main:
+    weights = full_state(job.model, procs, job.dtype)
+    if procs.main:
         try:
             export(weights, job.model, final, job.model_dir, job.eos_ids)
         except OSError as e:
             error = f"writing {final} failed ({e.strerror or e})"
-    if broadcast_str(error or "", run):  # never lose the trained weights: keep them as a checkpoint
-        saved = checkpoint(job, state, optimizer, run)
+    if broadcast_str(error or "", procs):  # never lose the trained weights: keep them as a checkpoint
+        saved = checkpoint(job, state, optimizer, procs)
         fail(f"{error}; " + (f"the trained weights are in {saved}" if saved else "no checkpoint could be written"))
-    if run.main:
+    if procs.main:
         print(diagnostics_table([r for r in read_metrics(job.out / "metrics.jsonl") if "attn_base" in r]))
-        layout = f"sharded (FSDP) over {run.world}" if run.fsdp else "weights identical on every rank"
+        layout = f"sharded (FSDP) over {procs.world}" if procs.fsdp else "weights identical on every rank"
         skipped = f", {state.bad_steps} skipped non-finite step(s)" if state.bad_steps else ""
-        print(f"done: {state.step} steps on {run.world} process(es), {layout}{skipped}; checkpoint {final}, "
+        print(f"done: {state.step} steps on {procs.world} process(es), {layout}{skipped}; checkpoint {final}, "
               f"metrics {job.out / 'metrics.jsonl'}")
-    barrier(run)
+    barrier(procs)
 
 
 def diagnostics_row(job: Job, objective: nn.Module, batch: dict, fast: FastWeights | None, step: int,
-                    run: Run) -> dict:
+                    procs: Processes) -> dict:
     """The attention statistics of rank 0's micro-batch, with the base weights and with phi_K. Under
     FSDP every rank computes them (the weights are gathered); otherwise rank 0 alone."""
-    if not (run.main or run.fsdp):
+    if not (procs.main or procs.fsdp):
         return {}
     mask = None if job.args.causal else hybrid_mask(batch["loss_mask"], batch["attention_mask"])
     inputs = (batch["input_ids"], batch["loss_mask"], batch["attention_mask"], mask)
-    with gathered(objective, run):
+    with gathered(objective, procs):
         row = {"step": step, "attn_base": attention_diagnostics(job.model, *inputs)}
         if fast is not None:
             row["attn_fast"] = attention_diagnostics(job.model, *inputs, fast)
     return row
 
 
-def log(job: Job, row: dict, run: Run) -> None:
-    if run.main and row:
+def log(job: Job, row: dict, procs: Processes) -> None:
+    if procs.main and row:
         with open(job.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def progress_bar(job: Job, step: int, run: Run):
-    return tqdm(total=job.total_steps, initial=step, disable=not run.main, dynamic_ncols=True, desc=job.name)
+def progress_bar(job: Job, step: int, procs: Processes):
+    return tqdm(total=job.total_steps, initial=step, disable=not procs.main, dynamic_ncols=True, desc=job.name)
 
 
-def show_progress(bar, row: dict, job: Job, run: Run) -> None:
-    if run.main:
+def show_progress(bar, row: dict, job: Job, procs: Processes) -> None:
+    if procs.main:
         inner = f" inner {row['inner_first']:.3f}->{row['inner_last']:.3f}" if job.bilevel else ""
         bar.set_postfix_str(f"loss {row['loss']:.4f}{inner} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
         bar.update(1)
@@ -857,11 +857,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run = setup_distributed(args.device, args.fsdp)
+    procs = setup_distributed(args.device, args.fsdp)
     try:
-        train(args, run)
+        train(args, procs)
     finally:
-        if run.world > 1 and dist.is_initialized():
+        if procs.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -28,8 +28,9 @@ from qwen2 import Qwen2ForCausalLM
 
 
 @dataclass
-class Run:
-    """What the loop needs to know about the process group."""
+class Processes:
+    """This process among the training processes: its rank, their number, its device, and whether
+    FSDP shards the model over them (`procs.main`: rank 0, the one that writes files and prints)."""
 
     rank: int = 0
     local_rank: int = 0
@@ -42,7 +43,7 @@ class Run:
         return self.rank == 0
 
 
-def setup_distributed(device_flag: str, fsdp: bool = False) -> Run:
+def setup_distributed(device_flag: str, fsdp: bool = False) -> Processes:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain python runs one process with no group (FSDP
     needs one: a single-process group then)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,25 +57,25 @@ def setup_distributed(device_flag: str, fsdp: bool = False) -> Run:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     elif fsdp:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Run(rank, local_rank, world, device, fsdp)
+    return Processes(rank, local_rank, world, device, fsdp)
 
 
-def all_reduce_sum(values: list[float], run: Run) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=run.device)
-    if run.world > 1:
+def all_reduce_sum(values: list[float], procs: Processes) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=procs.device)
+    if procs.world > 1:
         dist.all_reduce(t)
     return t.tolist()
 
 
-def broadcast_str(text: str, run: Run) -> str:
-    if run.world == 1:
+def broadcast_str(text: str, procs: Processes) -> str:
+    if procs.world == 1:
         return text
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def parallelize(objective: nn.Module, run: Run, compute_dtype: torch.dtype) -> nn.Module:
+def parallelize(objective: nn.Module, procs: Processes, compute_dtype: torch.dtype) -> nn.Module:
     """The one place data parallelism is set up; the loop is the same for both. `objective` computes
     one micro-batch's loss (focusft.Objective) and holds the model as `.model`.
 
@@ -84,24 +85,24 @@ def parallelize(objective: nn.Module, run: Run, compute_dtype: torch.dtype) -> n
     and backward and the gradients reduce-scattered; the weights and AdamW states stay in fp32 (the
     master copy) while the forward runs in `compute_dtype`. The fast weights are created inside the
     step, per rank, from the activations' dtype: they are never sharded nor reduced."""
-    if run.fsdp:
+    if procs.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(run.device.type, (run.world,))
+        mesh = init_device_mesh(procs.device.type, (procs.world,))
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for block in objective.model.blocks():
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(objective, mesh=mesh, mp_policy=policy)
         return objective
-    if run.world > 1:
+    if procs.world > 1:
         # Gradients as views into DDP's communication buckets: no second copy of the gradients.
         return nn.parallel.DistributedDataParallel(
-            objective, device_ids=[run.device] if run.device.type == "cuda" else None, gradient_as_bucket_view=True)
+            objective, device_ids=[procs.device] if procs.device.type == "cuda" else None, gradient_as_bucket_view=True)
     return objective
 
 
-def micro_batch_forward(objective: nn.Module, run: Run, last: bool, *inputs):
+def micro_batch_forward(objective: nn.Module, procs: Processes, last: bool, *inputs):
     """objective(*inputs) for one micro-batch of an optimizer step, as the parallel layout wants it.
 
     DDP all-reduces the gradients in the backward of the step's last micro-batch only (the others
@@ -109,10 +110,10 @@ def micro_batch_forward(objective: nn.Module, run: Run, last: bool, *inputs):
     inner loop's backward passes inside the forward, rather than re-gathering them for each."""
     if isinstance(objective, nn.parallel.DistributedDataParallel):
         objective.require_backward_grad_sync = last
-    if run.fsdp:
+    if procs.fsdp:
         objective.set_reshard_after_backward(False, recurse=False)
     out = objective(*inputs)
-    if run.fsdp:
+    if procs.fsdp:
         objective.set_reshard_after_backward(True, recurse=False)
     return out
 
@@ -124,10 +125,10 @@ def fsdp_units(objective: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def gathered(objective: nn.Module, run: Run):
+def gathered(objective: nn.Module, procs: Processes):
     """Under FSDP, all parameters gathered on every rank (for the diagnostics, which use the layers'
     parts directly); a no-op otherwise. Every rank must enter it."""
-    units = fsdp_units(objective) if run.fsdp else []
+    units = fsdp_units(objective) if procs.fsdp else []
     layers = [unit for unit in units if unit is not objective]
     for unit in layers:  # calling a layer would otherwise reshard it when it returns
         unit.set_reshard_after_forward(False, recurse=False)
@@ -142,7 +143,7 @@ def gathered(objective: nn.Module, run: Run):
             unit.set_reshard_after_forward(True, recurse=False)
 
 
-def full_state(model: nn.Module, run: Run, dtype: torch.dtype | None = None) -> dict[str, Tensor] | None:
+def full_state(model: nn.Module, procs: Processes, dtype: torch.dtype | None = None) -> dict[str, Tensor] | None:
     """The model's whole state dict on rank 0 (None elsewhere), optionally cast. Under FSDP each
     tensor is all-gathered in turn (every rank must call this) and copied to the CPU on rank 0, so no
     rank ever holds a second full copy on the accelerator."""
@@ -151,22 +152,22 @@ def full_state(model: nn.Module, run: Run, dtype: torch.dtype | None = None) -> 
     state = {}
     for name, t in model.state_dict().items():
         t = t.full_tensor() if isinstance(t, DTensor) else t.detach()
-        if run.main:
-            state[name] = (t.to(dtype) if dtype is not None else t).to("cpu", copy=run.fsdp)
-    return state if run.main else None
+        if procs.main:
+            state[name] = (t.to(dtype) if dtype is not None else t).to("cpu", copy=procs.fsdp)
+    return state if procs.main else None
 
 
-def replicas_agree(model: nn.Module, run: Run) -> bool:
+def replicas_agree(model: nn.Module, procs: Processes) -> bool:
     """End-of-run guard: DDP keeps every rank's weights identical; compare per-tensor checksums."""
     local = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
                          for p in model.parameters()]).flatten()
-    gathered = [torch.empty_like(local) for _ in range(run.world)]
+    gathered = [torch.empty_like(local) for _ in range(procs.world)]
     dist.all_gather(gathered, local)
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def barrier(run: Run) -> None:
-    if run.world > 1:
+def barrier(procs: Processes) -> None:
+    if procs.world > 1:
         dist.barrier()
 
 
@@ -217,48 +218,48 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def save_training_checkpoint(out: Path, step: int, model: nn.Module, optimizer, state: dict, args,
-                             run: Run) -> Path | None:
+                             procs: Processes) -> Path | None:
     """Weights (an HF checkpoint itself), optimizer, trainer state and every rank's RNG states, in a
     temporary directory renamed into place when complete. Keeps the newest --keep. On an OS error
     (disk full, permissions) every rank returns None and the previous checkpoint stays."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     failed = 0.0
-    if run.main:
+    if procs.main:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
         except OSError as e:
             print(f"focusft.py: warning: cannot write a checkpoint in {tmp.parent}: {e}", file=sys.stderr)
             failed = 1.0
-    barrier(run)
-    if not all_reduce_sum([failed], run)[0]:
-        weights = full_state(model, run)  # a collective under FSDP: before anything can fail
+    barrier(procs)
+    if not all_reduce_sum([failed], procs)[0]:
+        weights = full_state(model, procs)  # a collective under FSDP: before anything can fail
         try:
             rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-            torch.save(rng, tmp / f"rng-rank{run.rank}.pt")
-            if run.fsdp:  # each rank's shard of the AdamW states, as plain tensors
-                torch.save(local_optimizer_state(optimizer), tmp / f"optimizer-rank{run.rank}.pt")
-            elif run.main:
+            torch.save(rng, tmp / f"rng-rank{procs.rank}.pt")
+            if procs.fsdp:  # each rank's shard of the AdamW states, as plain tensors
+                torch.save(local_optimizer_state(optimizer), tmp / f"optimizer-rank{procs.rank}.pt")
+            elif procs.main:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            if run.main:
+            if procs.main:
                 qwen2.save_weights(weights, model.config, tmp)
-                trainer = {"step": step, "world_size": run.world, "args": vars(args), **state}
+                trainer = {"step": step, "world_size": procs.world, "args": vars(args), **state}
                 (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         except OSError as e:
-            print(f"focusft.py: warning: saving the checkpoint {tmp} failed on rank {run.rank}: {e}; "
+            print(f"focusft.py: warning: saving the checkpoint {tmp} failed on rank {procs.rank}: {e}; "
                   f"the previous checkpoint is kept", file=sys.stderr)
             failed = 1.0
-    failed = all_reduce_sum([failed], run)[0]
-    if run.main:
+    failed = all_reduce_sum([failed], procs)[0]
+    if procs.main:
         if failed:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             replace_dir(tmp, final)
             for old in checkpoints(out)[:-args.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier(run)
+    barrier(procs)
     return None if failed else final
 
 
@@ -272,13 +273,13 @@ def local_optimizer_state(optimizer) -> dict:
     return sd
 
 
-def load_optimizer_state(optimizer, ckpt: Path, run: Run) -> None:
-    if not run.fsdp:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=run.device, weights_only=True))
+def load_optimizer_state(optimizer, ckpt: Path, procs: Processes) -> None:
+    if not procs.fsdp:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=procs.device, weights_only=True))
         return
     from torch.distributed.tensor import DTensor
 
-    sd = torch.load(ckpt / f"optimizer-rank{run.rank}.pt", map_location=run.device, weights_only=True)
+    sd = torch.load(ckpt / f"optimizer-rank{procs.rank}.pt", map_location=procs.device, weights_only=True)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, st in sd["state"].items():  # shards back into DTensors laid out like their parameters
         p = params[int(i)]
@@ -288,15 +289,15 @@ def load_optimizer_state(optimizer, ckpt: Path, run: Run) -> None:
     optimizer.load_state_dict(sd)
 
 
-def restore_rng(ckpt: Path, run: Run) -> None:
-    rng = torch.load(ckpt / f"rng-rank{run.rank}.pt", weights_only=False)
+def restore_rng(ckpt: Path, procs: Processes) -> None:
+    rng = torch.load(ckpt / f"rng-rank{procs.rank}.pt", weights_only=False)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def resume_point(out: Path, args, run: Run) -> tuple[Path | None, dict]:
+def resume_point(out: Path, args, procs: Processes) -> tuple[Path | None, dict]:
     """The newest training checkpoint in --out and its trainer state, after checking that it
     continues this very run (same trajectory flags, same number of processes)."""
     found = checkpoints(out) if out.is_dir() else []
@@ -316,9 +317,9 @@ def resume_point(out: Path, args, run: Run) -> tuple[Path | None, dict]:
     if differ:
         fail(f"--out {out} holds a run with other settings: {'; '.join(differ)}. Resume with the same flags, "
              f"or choose a new --out")
-    if trainer["world_size"] != run.world:
+    if trainer["world_size"] != procs.world:
         fail(f"{ckpt} was written by {trainer['world_size']} process(es); resume it with the same number "
-             f"(now {run.world})")
+             f"(now {procs.world})")
     return ckpt, trainer
 
 
