@@ -28,7 +28,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -452,16 +452,15 @@ def tables(res: dict, size: Size) -> str:
     return "\n".join(lines)
 
 
-def figures(res: dict, size: Size, out: Path, maps: dict) -> list[str]:
-    """PNG figures under out/figures; returns their names, or a note when matplotlib is missing."""
+def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
+    """PNG figures in fig_dir; returns their names (none when matplotlib is missing)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
+    fig_dir.mkdir(parents=True, exist_ok=True)
     made = []
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for name, r in res["pretrain"].items():
@@ -537,10 +536,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; on a shared 2-core machine two threads per process ran a "
                         "pretraining step 10x slower than one)")
+    p.add_argument("--eval-samples", type=int, metavar="N",
+                   help="samples per task and length in the evaluation, instead of the size's own: the same trained "
+                        "models evaluated again into eval-N/, reported in report-evalN.md (tighter intervals, same "
+                        "protocol otherwise)")
     p.add_argument("--stages", nargs="+", choices=("pretrain", "train", "eval", "report"),
                    default=["pretrain", "train", "eval", "report"],
                    help="stages to run (default: all); later stages need the earlier ones' results in --out")
     args = p.parse_args(argv)
+    if args.eval_samples is not None and args.eval_samples < 1:
+        p.error(f"--eval-samples must be >= 1 (got {args.eval_samples})")
     if args.threads < 1:
         p.error(f"--threads must be >= 1 (got {args.threads})")
     if args.quick and args.device == "cuda":
@@ -552,14 +557,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
     size = SIZES["quick" if args.quick else "gpu" if args.device == "cuda" else "full"]
+    suffix = ""  # the evaluation's directory and report names: eval/, report.md or eval-N/, report-evalN.md
+    if args.eval_samples is not None and args.eval_samples != size.eval_samples:
+        suffix = str(args.eval_samples)
+        size = replace(size, eval_samples=args.eval_samples)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
     settings = {"size": json.loads(json.dumps(asdict(size))), "device": args.device}  # tuples as JSON lists
-    if settings_path.is_file() and json.loads(settings_path.read_text())["size"] != settings["size"]:
+
+    def trained(sizes: dict) -> dict:  # what the trained models depend on
+        return {k: v for k, v in sizes.items() if k != "eval_samples"}
+
+    if settings_path.is_file() and trained(json.loads(settings_path.read_text())["size"]) != trained(settings["size"]):
         raise ReplicationError(f"--out {out}: holds a run of another size ({settings_path}); use another --out")
-    evaluation.write_json(settings_path, settings)
-    (out / "protocol.md").write_text(protocol(size, args.device), encoding="utf-8")
+    if not suffix:
+        evaluation.write_json(settings_path, settings)
+    (out / f"protocol{'-eval' + suffix if suffix else ''}.md").write_text(protocol(size, args.device), encoding="utf-8")
     logfile = open(out / "replicate.log", "a", encoding="utf-8")
 
     def log(text: str) -> None:
@@ -594,19 +608,20 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
         data.write_synthetic(out / "train.jsonl", size.sft_steps, size.sft_len, seed=1234,
                              count_tokens=lambda text: len(tok.encode(text).ids))
     runs = {(v, s): out / "train" / f"{v}-s{s}" for s in size.seeds for v in VARIANTS}
+    eval_dir = out / (f"eval-{suffix}" if suffix else "eval")
     # Seed by seed, each variant trained then evaluated: a run stopped early leaves whole seeds behind.
     for (v, s), run in runs.items():
         if "train" in args.stages:
             timed(f"train_{v}", lambda v=v, s=s: train_variant(out, base, size, v, s, args.device, log))
         if "eval" in args.stages and (run / "final" / "config.json").is_file():
-            timed(f"eval_{v}", lambda v=v, s=s, run=run: evaluate_model(run / "final", out / "eval" / f"{v}-s{s}",
+            timed(f"eval{suffix}_{v}", lambda v=v, s=s, run=run: evaluate_model(run / "final", eval_dir / f"{v}-s{s}",
                                                                      size, args.device, log))
     # Results of whatever is finished (the report of a partial run says what is missing).
     missing = []
     for v in VARIANTS:
         per_seed, pooled, diag = {n: [] for n in eval_lengths(size)}, {n: [0, 0] for n in eval_lengths(size)}, []
         for s in size.seeds:
-            run, where = runs[v, s], out / "eval" / f"{v}-s{s}"
+            run, where = runs[v, s], eval_dir / f"{v}-s{s}"
             if (run / "final" / "config.json").is_file():
                 diag.append(diagnostics(run))
             if not (where / "results.json").is_file():
@@ -628,7 +643,7 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
             final = runs[v, size.seeds[0]] / "final"
             if (final / "config.json").is_file():
                 maps[VARIANTS[v][0]] = attention_map(final, sample)
-        made = figures(res, size, out, maps)
+        made = figures(res, size, out / ("figures" + (f"-eval{suffix}" if suffix else "")), maps)
         note = ("" if made else "\n\nFigures skipped: matplotlib is not installed "
                 "(`pip install -r experiments/requirements.txt`).")
         report = [f"# FocuSFT small replication ({size.name} size)", "",
@@ -640,11 +655,13 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
                   ("Status: complete." if not missing else
                    f"Status: PARTIAL -- not evaluated yet: {', '.join(missing)} (rerun the same command to finish)."),
                   "", tables(res, size), note]
-        report += [f"\n![{m}](figures/{m})" for m in made]
-        (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-        evaluation.write_json(out / "results.json", {"settings": settings, "command": shlex.join(argv),
+        report += [f"\n![{m}](figures{f'-eval{suffix}' if suffix else ''}/{m})" for m in made]
+        name = f"report-eval{suffix}" if suffix else "report"
+        (out / f"{name}.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+        evaluation.write_json(out / f"{name.replace('report', 'results')}.json", {"settings": settings,
+                                                                                "command": shlex.join(argv),
                                                      "times_s": times, "missing": missing, **res})
-        log(f"report: {out / 'report.md'}")
+        log(f"report: {out / (name + '.md')}")
     logfile.close()
     return res
 

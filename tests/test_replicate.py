@@ -69,6 +69,14 @@ def test_quick_runs_every_stage_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert replicate.main(["--out", str(out), "--quick"]) == 0
     assert "focusft.py" not in capsys.readouterr().out
+    # --eval-samples: the same models evaluated again, more samples, into their own files; no training.
+    assert replicate.main(["--out", str(out), "--quick", "--eval-samples", "2"]) == 0
+    assert "focusft.py" not in capsys.readouterr().out
+    more = json.loads((out / "results-eval2.json").read_text())
+    assert all(n == 2 for v in more["accuracy"].values() for _, n in v["pooled"].values())
+    assert (out / "report-eval2.md").is_file() and (out / "figures-eval2").is_dir() == (out / "figures").is_dir()
+    first = json.loads((out / "results.json").read_text())  # the first evaluation's files are left as they were
+    assert all(n == 1 for v in first["accuracy"].values() for _, n in v["pooled"].values())
 
 
 def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
