@@ -536,6 +536,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; on a shared 2-core machine two threads per process ran a "
                         "pretraining step 10x slower than one)")
+    p.add_argument("--sft-steps", type=int, metavar="N",
+                   help="optimizer steps of each 2x2 run instead of the size's own (a new --out; a pretraining "
+                        "copied there from another run is reused)")
     p.add_argument("--eval-samples", type=int, metavar="N",
                    help="samples per task and length in the evaluation, instead of the size's own: the same trained "
                         "models evaluated again into eval-N/, reported in report-evalN.md (tighter intervals, same "
@@ -544,8 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=["pretrain", "train", "eval", "report"],
                    help="stages to run (default: all); later stages need the earlier ones' results in --out")
     args = p.parse_args(argv)
-    if args.eval_samples is not None and args.eval_samples < 1:
-        p.error(f"--eval-samples must be >= 1 (got {args.eval_samples})")
+    for flag in ("eval_samples", "sft_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if args.threads < 1:
         p.error(f"--threads must be >= 1 (got {args.threads})")
     if args.quick and args.device == "cuda":
@@ -557,6 +561,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
     size = SIZES["quick" if args.quick else "gpu" if args.device == "cuda" else "full"]
+    if args.sft_steps is not None:
+        size = replace(size, sft_steps=args.sft_steps)
     suffix = ""  # the evaluation's directory and report names: eval/, report.md or eval-N/, report-evalN.md
     if args.eval_samples is not None and args.eval_samples != size.eval_samples:
         suffix = str(args.eval_samples)
@@ -571,7 +577,7 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
 
     if settings_path.is_file() and trained(json.loads(settings_path.read_text())["size"]) != trained(settings["size"]):
         raise ReplicationError(f"--out {out}: holds a run of another size ({settings_path}); use another --out")
-    if not suffix:
+    if not suffix or not settings_path.is_file():
         evaluation.write_json(settings_path, settings)
     (out / f"protocol{'-eval' + suffix if suffix else ''}.md").write_text(protocol(size, args.device), encoding="utf-8")
     logfile = open(out / "replicate.log", "a", encoding="utf-8")
