@@ -200,6 +200,16 @@ def test_builtin_prompts_stop_at_qa10():
         ev.default_prompt("qa11")
 
 
+def test_builtin_prompts_file_is_read_with_one_clear_error(tmp_path):
+    assert ev.load_prompts(ev.PROMPTS_FILE) == ev.PROMPTS  # the file shipped beside the script
+    assert ev.PROMPTS["qa1"]["examples"].startswith("<example>\nOlivia walked into the attic.")
+    (tmp_path / "bad.json").write_text('{"qa1": {"instruction": "x"}}')
+    for path in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        with pytest.raises(SystemExit) as e:
+            ev.load_prompts(path)
+        assert str(e.value.code).startswith(f"eval_babilong.py: error: {path}: cannot read the built-in prompts")
+
+
 PUBLISHED = {  # hand-written in the format the benchmark publishes beside each predictions CSV
     "prompt": {
         "instruction": "Read the facts and answer.",
