@@ -356,7 +356,7 @@ class HubData(FileData):
 
     def __init__(self, repo: str, revision: str = "main"):
         self.repo, self.revision = repo, revision
-        self.where = f"--dataset {repo}" + (f" --revision {revision}" if revision != "main" else "")
+        self.where = evaluation.hub_flags(repo, revision)
         self._paths: list[str] | None = None
         self.snapshot: Path | None = None  # set when working from the cache
 
@@ -366,7 +366,8 @@ class HubData(FileData):
             self._paths = evaluation.from_hub(
                 lambda: list(huggingface_hub.HfApi().list_repo_files(self.repo, repo_type="dataset",
                                                                      revision=self.revision)),
-                self.where, "list the dataset on the hub", "use --data-dir / --synthetic", cached=self._cached)
+                self.repo, self.revision, "list the dataset on the hub", "use --data-dir / --synthetic",
+                cached=self._cached)
         return self._paths
 
     def _cached(self) -> list[str]:
@@ -379,8 +380,8 @@ class HubData(FileData):
         if self.snapshot is not None:
             return self.snapshot / filename
         return evaluation.from_hub(lambda: Path(huggingface_hub.hf_hub_download(
-            self.repo, filename, repo_type="dataset", revision=self.revision)), self.where, f"get {filename}",
-            "use --data-dir / --synthetic")
+            self.repo, filename, repo_type="dataset", revision=self.revision)), self.repo, self.revision,
+            f"get {filename}", "use --data-dir / --synthetic")
 
     def describe(self):
         return {"dataset": self.repo, "revision": self.revision}

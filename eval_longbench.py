@@ -472,9 +472,8 @@ class FolderData:
 
 def hub_zip(repo: str, revision: str) -> Path:
     """data.zip from the hub, through (and with HF_HUB_OFFLINE=1 or no network, from) the hub cache."""
-    where = f"--dataset {repo}" + (f" --revision {revision}" if revision != "main" else "")
     return evaluation.from_hub(lambda: Path(huggingface_hub.hf_hub_download(
-        repo, HUB_FILE, repo_type="dataset", revision=revision)), where, f"get {HUB_FILE}",
+        repo, HUB_FILE, repo_type="dataset", revision=revision)), repo, revision, f"get {HUB_FILE}",
         "pass --data-dir with LongBench's <task>.jsonl files")
 
 

@@ -200,11 +200,18 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
-def from_hub(call: Callable[[], T], where: str, what: str, remedy: str, cached: Callable[[], T] | None = None) -> T:
-    """`call()`, a huggingface_hub request about the dataset of `where` ('--dataset R --revision V'), its
-    failures one line saying `what` failed ('get data.zip'). Offline (HF_HUB_OFFLINE=1), or with the hub
-    unreachable, `cached()` answers from the hub cache when given; with nothing cached the line says how
-    to go on without the hub (`remedy`: 'pass --data-dir ...')."""
+def hub_flags(repo: str, revision: str) -> str:
+    """How messages name a hub dataset: '--dataset R', plus '--revision V' when not main."""
+    return f"--dataset {repo}" + (f" --revision {revision}" if revision != "main" else "")
+
+
+def from_hub(call: Callable[[], T], repo: str, revision: str, what: str, remedy: str,
+             cached: Callable[[], T] | None = None) -> T:
+    """`call()`, a huggingface_hub request about the dataset `repo` at `revision`, its failures one line
+    saying `what` failed ('get data.zip'). Offline (HF_HUB_OFFLINE=1), or with the hub unreachable,
+    `cached()` answers from the hub cache when given; with nothing cached the line says how to go on
+    without the hub (`remedy`: 'pass --data-dir ...')."""
+    where = hub_flags(repo, revision)
     try:
         return call()
     except RepositoryNotFoundError as e:  # GatedRepoError is one

@@ -174,3 +174,29 @@ def test_docstring_example_runs(tiny, tmp_path, monkeypatch, capsys):
     rows = evaluation.read_jsonl(out / "arith.jsonl")
     assert len(rows) == 1 and set(rows[0]) == {"question", "answer", "output", "correct"}
     assert capsys.readouterr().out.splitlines()[:2] == ["| task | accuracy |", "| --- | ---: |"]
+
+
+def test_from_hub_failures_are_one_line(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def failing(error):
+        def call():
+            raise error
+        return call
+
+    def get(error, cached=None):
+        return evaluation.from_hub(failing(error), "org/data", "v1", "get data.zip", "pass --data-dir", cached)
+
+    assert evaluation.from_hub(lambda: 7, "org/data", "main", "get x", "") == 7
+    with pytest.raises(evaluation.EvalError, match=r"^--dataset org/data --revision v1: cannot get data.zip \(the "
+                                                    r"dataset has no such file\)$"):
+        get(EntryNotFoundError("404\nmore"))
+    assert get(ConnectionError("down"), cached=lambda: "from the cache") == "from the cache"
+    with pytest.raises(evaluation.EvalError, match=r"cannot get data.zip \(ConnectionError: down\) and it is not in "
+                                                    r"the hub cache .*; run once online, or pass --data-dir$"):
+        get(ConnectionError("down\ntraceback"), cached=failing(LocalEntryNotFoundError("not cached")))
+    with pytest.raises(evaluation.EvalError, match=r"\(the hub is unreachable\) and it is not in the hub cache"):
+        get(LocalEntryNotFoundError("long\nmessage"))
