@@ -38,8 +38,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import huggingface_hub
-import pyarrow
-import pyarrow.parquet as pq
 
 import data
 import evaluation
@@ -273,14 +271,7 @@ def read_samples(path: Path) -> list[Sample]:
     """Rows with the benchmark's fields from a parquet or JSONL file."""
     fields = ("input", "question", "target")
     if path.suffix == ".parquet":
-        try:
-            schema = pq.read_schema(path)
-            missing = [f for f in fields if f not in schema.names]
-            if missing:
-                raise EvalError(f"{path}: no column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
-            rows = pq.read_table(path, columns=list(fields)).to_pylist()
-        except (pyarrow.ArrowException, OSError) as e:
-            raise EvalError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
+        rows = evaluation.read_parquet(path, fields)
     else:
         with open(path, encoding="utf-8") as f:
             rows = [row for _, row in evaluation.jsonl_rows(f, str(path), fields)]

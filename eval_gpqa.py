@@ -547,12 +547,7 @@ class Problem:
 def _rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise evaluation.EvalError(f"--data {path}: not a readable parquet file ({e})") from None
+        return evaluation.read_parquet(path, where="--data ")
     if suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f))

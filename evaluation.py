@@ -20,7 +20,7 @@ eval_babilong.py, eval_ruler.py, eval_longbench.py and eval_gpqa.py are built on
   --prefill-chunk, --overflow, --server and --server-model; `check_common_args(args)` checks them, naming
   the flag;
 - data: `from_hub` (a hub dataset request whose failures are one line, with the hub cache offline),
-  `jsonl_rows` (JSON lines checked line by line);
+  `jsonl_rows` (JSON lines checked line by line), `read_parquet`;
 - files: `atomic_write`, `write_json`, `write_jsonl`, `read_jsonl`, `write_csv`, `read_csv` (a killed run
   never leaves half a file), `is_finished` (resume: a result counts only if it was made with the same
   settings), `markdown_table`, `percent` and `save_results` (results.md and results.json);
@@ -653,6 +653,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows of a JSONL file; a bad line is an EvalError naming file and line."""
     with open(path, encoding="utf-8") as f:
         return [row for _, row in jsonl_rows(f, str(path))]
+
+
+def read_parquet(path: Path, columns: tuple[str, ...] = (), where: str = "") -> list[dict]:
+    """Rows of a parquet file: all columns, or only `columns`, each required. An unreadable file or a
+    missing column is an EvalError naming the file (after `where`, e.g. '--data ')."""
+    import pyarrow.parquet as pq  # only parquet users need pyarrow
+
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise EvalError(f"{where}{path}: no column(s) {', '.join(missing)} (has: {', '.join(names)})")
+        return pq.read_table(path, columns=list(columns) or None).to_pylist()
+    except EvalError:
+        raise
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise EvalError(f"{where}{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:

@@ -200,3 +200,17 @@ def test_from_hub_failures_are_one_line(monkeypatch):
         get(ConnectionError("down\ntraceback"), cached=failing(LocalEntryNotFoundError("not cached")))
     with pytest.raises(evaluation.EvalError, match=r"\(the hub is unreachable\) and it is not in the hub cache"):
         get(LocalEntryNotFoundError("long\nmessage"))
+
+
+def test_read_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"a": 1, "b": "x"}]), tmp_path / "ok.parquet")
+    assert evaluation.read_parquet(tmp_path / "ok.parquet") == [{"a": 1, "b": "x"}]
+    assert evaluation.read_parquet(tmp_path / "ok.parquet", ("b",)) == [{"b": "x"}]
+    with pytest.raises(evaluation.EvalError, match=r"ok.parquet: no column\(s\) c \(has: a, b\)"):
+        evaluation.read_parquet(tmp_path / "ok.parquet", ("b", "c"))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(evaluation.EvalError, match=r"^--data .*bad.parquet: not a readable parquet file \("):
+        evaluation.read_parquet(tmp_path / "bad.parquet", where="--data ")
