@@ -6,15 +6,16 @@
         --heads 28 --kv-heads 4 --vocab 152064 --seq 4096     # a 7B-shaped random model on one GPU
     python bench.py --model path/to/checkpoint        # the shape of a real config.json, random weights
 
-Three ways to compute the loss and gradients of one micro-batch, on the same random model and batch:
+Ways to compute the loss and gradients of one micro-batch, on the same random model and batch:
   sft          plain SFT (inner_steps=0): one forward and backward, logits at response positions;
   focusft      FocuSFT as implemented (focusft.focusft_step): lower layers once, inner steps on the
                top layers only, response-position logits, inner gradients for the fast weights only;
+               with --inner-ckpt (on, as in focusft.py) the layers with fast weights are checkpointed too;
+  focusft_no_inner_ckpt  the same with those layers' activations kept (focusft.py --no-inner-ckpt);
   authors_way  the same numbers computed the authors' way (focusft.reference_focusft_loss): a full
                forward per inner step, full-vocabulary logits everywhere, fast weights in the outer graph.
-All three use the same mask (hybrid unless --causal) and the same activation-checkpointing setting;
---inner-ckpt also checkpoints the layers with fast weights in FocuSFT (the authors' way already
-checkpoints every layer in every pass with --grad-ckpt, and SFT has no inner loop).
+All use the same mask (hybrid unless --causal) and the same activation-checkpointing setting (the
+authors' way checkpoints every layer in every pass with --grad-ckpt; SFT has no inner loop).
 A "step" is the forward and backward of one micro-batch; the optimizer step, identical for all three,
 is left out. Repetitions are interleaved after warm-up (so a slow period hits every variant) and
 the median is reported with the min-max spread.
@@ -42,7 +43,7 @@ import torch
 import focusft
 import qwen2
 
-VARIANTS = ("sft", "focusft", "authors_way")
+VARIANTS = ("sft", "focusft", "focusft_no_inner_ckpt", "authors_way")
 
 
 def make_config(args) -> qwen2.Qwen2Config:
@@ -81,8 +82,8 @@ def step_fn(variant: str, model, batch: dict, args):
     kw = dict(inner_steps=0 if variant == "sft" else args.inner_steps, layer_fraction=args.layer_fraction,
               rank=args.rank, alpha=args.alpha, causal=args.causal, checkpoint=args.grad_ckpt)
     loss_fn = focusft.reference_focusft_loss if variant == "authors_way" else focusft.focusft_step
-    if variant == "focusft":
-        kw["inner_checkpoint"] = args.inner_ckpt
+    if variant.startswith("focusft"):
+        kw["inner_checkpoint"] = inner_ckpt(variant, args)
 
     def step():
         g = torch.Generator().manual_seed(1)  # the same fast-weight draw every time
@@ -94,6 +95,11 @@ def step_fn(variant: str, model, batch: dict, args):
         return loss.item()
 
     return step
+
+
+def inner_ckpt(variant: str, args) -> bool:
+    """Whether this FocuSFT variant checkpoints the layers with fast weights."""
+    return variant == "focusft" and args.inner_ckpt
 
 
 def sync(device):
@@ -115,9 +121,9 @@ def flops_per_step(config: qwen2.Qwen2Config, seq: int, variant: str, args, n_ta
     K = args.inner_steps
     if variant == "sft":
         return L * layer * train + head * n_targets * 3
-    if variant == "focusft":
+    if variant.startswith("focusft"):
         top = len(focusft.adapted_layers(L, args.layer_fraction))
-        again = 1 if args.inner_ckpt else 0  # the top layers' recomputation
+        again = 1 if inner_ckpt(variant, args) else 0  # the top layers' recomputation
         inner = K * (top * layer * (2 + again) + head * n_targets * 2)  # forward (+ again) + input-gradient backward
         return (L - top) * layer * train + top * layer * (3 + again) + inner + head * n_targets * 3
     inner = K * (L * layer * (2 + recompute) + head * seq * 2)
@@ -278,6 +284,11 @@ def ratios(result: dict) -> dict:
         out["authors_way_over_focusft"] = result["authors_way_s"] / result["focusft_s"]
     if "authors_way_peak_mb" in result and "focusft_peak_mb" in result:
         out["focusft_over_authors_way_memory"] = result["focusft_peak_mb"] / result["authors_way_peak_mb"]
+    if "sft_s" in result and "focusft_no_inner_ckpt_s" in result:
+        out["focusft_no_inner_ckpt_over_sft"] = result["focusft_no_inner_ckpt_s"] / result["sft_s"]
+    if "focusft_peak_mb" in result and "focusft_no_inner_ckpt_peak_mb" in result:
+        out["focusft_no_inner_ckpt_over_focusft_memory"] = (result["focusft_no_inner_ckpt_peak_mb"]
+                                                            / result["focusft_peak_mb"])
     return out
 
 
@@ -339,7 +350,7 @@ def table(r: dict, variants) -> str:
              f"vocab {c['vocab_size']}; seq {r['seq']} ({r['response_tokens']} response tokens), "
              f"K={r['inner_steps']}, layer fraction {r['layer_fraction']}, {r['dtype']} on {r['device']}, "
              f"{r['mask']} mask, activation checkpointing {'on' if r['grad_ckpt'] else 'off'}"
-             f", inner checkpointing {'on' if r['inner_ckpt'] else 'off'}",
+             f", inner checkpointing {'on' if r['inner_ckpt'] else 'off'} in the focusft row",
              "",
              "| variant | step (median) | spread (min-max) | tokens/s | peak memory |" + (
                  " MFU |" if any(f"{v}_mfu" in r for v in variants) else ""),
@@ -356,6 +367,11 @@ def table(r: dict, variants) -> str:
         lines.append(f"authors' way / FocuSFT step time:   {r['authors_way_over_focusft']:.2f}x")
     if "focusft_over_authors_way_memory" in r:
         lines.append(f"FocuSFT / authors' way peak memory: {r['focusft_over_authors_way_memory']:.2f}x")
+    if "focusft_no_inner_ckpt_over_sft" in r:
+        lines.append(f"FocuSFT --no-inner-ckpt / SFT step time: {r['focusft_no_inner_ckpt_over_sft']:.2f}x")
+    if "focusft_no_inner_ckpt_over_focusft_memory" in r:
+        lines.append("FocuSFT --no-inner-ckpt / FocuSFT peak memory: "
+                     f"{r['focusft_no_inner_ckpt_over_focusft_memory']:.2f}x")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ def test_bench_json_has_every_key():
         for key in (f"{v}_s", f"{v}_min_s", f"{v}_max_s", f"{v}_tokens_per_s", f"{v}_peak_mb"):
             assert isinstance(r[key], float) and r[key] >= 0, key
         assert r[f"{v}_min_s"] <= r[f"{v}_s"] <= r[f"{v}_max_s"]
-    for key in ("focusft_over_sft", "authors_way_over_focusft", "focusft_over_authors_way_memory"):
+    for key in ("focusft_over_sft", "authors_way_over_focusft", "focusft_over_authors_way_memory",
+                "focusft_no_inner_ckpt_over_sft", "focusft_no_inner_ckpt_over_focusft_memory"):
         assert r[key] > 0
     assert r["response_tokens"] == 64 and r["mask"] == "hybrid"
 
@@ -50,6 +51,7 @@ def test_flops_estimate_orders_the_variants():
     inner = bench.parse_args(TINY)
     g = {v: bench.flops_per_step(config, 256, v, inner, 64) for v in bench.VARIANTS}
     assert g["focusft"] > f["focusft"] and g["sft"] == f["sft"] and g["authors_way"] == f["authors_way"]
+    assert g["focusft_no_inner_ckpt"] == f["focusft_no_inner_ckpt"] == f["focusft"]
 
 
 def test_bench_profile_mode(capsys):
