@@ -111,3 +111,20 @@ def tiny(tmp_path_factory):
     qwen2.random_model(config, seed=0).save_pretrained(root / "model")
     data.save_tokenizer_files(tokenizer, root / "model")
     return SimpleNamespace(root=root, model=root / "model", data=root / "train.jsonl", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny, tmp_path_factory):
+    """The uninterrupted training runs (test_resume.command's flags) that every interrupted run must
+    reproduce bit for bit, on 1 and 2 processes: {nproc: output directory}. One per session, shared by
+    test_resume.py and test_fsdp.py (which compares FSDP with the 2-process DDP run)."""
+    from test_resume import REFERENCE_FLAGS, command, run
+
+    root = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for nproc in (1, 2):
+        out = root / f"nproc{nproc}"
+        result = run(command(tiny, out, *REFERENCE_FLAGS, nproc=nproc))
+        assert result.returncode == 0, result.stderr
+        runs[nproc] = out
+    return runs

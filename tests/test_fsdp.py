@@ -6,23 +6,35 @@ import subprocess
 import pytest
 import torch
 from conftest import report
-from test_resume import ENV, SLOW, assert_bitwise_equal, command, kill_when, patched, run
+from test_resume import ENV, REFERENCE_FLAGS, SLOW, assert_bitwise_equal, command, kill_when, patched, run
 
 import qwen2
 
 pytestmark = pytest.mark.slow  # every test here launches training processes
 
 
+@pytest.fixture(scope="module")
+def fsdp_focusft(tiny, tmp_path_factory):
+    """A 2-process FSDP run with the flags of the shared DDP reference run (test_resume.reference)."""
+    out = tmp_path_factory.mktemp("fsdp") / "focusft"
+    result = run(command(tiny, out, "--fsdp", *REFERENCE_FLAGS, "--ckpt-every", "0", nproc=2))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
 @pytest.mark.parametrize("method", [[], ["--no-bilevel", "--causal"]], ids=["focusft", "sft"])
-def test_fsdp_trains_like_ddp(tiny, tmp_path, method):
+def test_fsdp_trains_like_ddp(tiny, tmp_path, reference, fsdp_focusft, method):
     """2 gloo processes: FSDP2 (every layer sharded, the inner loop gathering them through FSDP's
     hooks, the fast weights per rank) ends where DDP ends, to fp32 rounding."""
-    runs = {}
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        out = tmp_path / name
-        result = run(command(tiny, out, *method, *extra, "--attn-every", "2", "--ckpt-every", "0", nproc=2))
-        assert result.returncode == 0, result.stderr
-        runs[name] = out
+    if not method:  # FocuSFT: the shared runs
+        runs, result = {"ddp": reference[2], "fsdp": fsdp_focusft[0]}, fsdp_focusft[1]
+    else:
+        runs = {}
+        for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+            out = tmp_path / name
+            result = run(command(tiny, out, *method, *extra, *REFERENCE_FLAGS, "--ckpt-every", "0", nproc=2))
+            assert result.returncode == 0, result.stderr
+            runs[name] = out
     assert "sharded (FSDP) over 2" in result.stdout
     a, b = qwen2.from_pretrained(runs["fsdp"] / "final"), qwen2.from_pretrained(runs["ddp"] / "final")
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
@@ -48,12 +60,10 @@ def test_fsdp_trains_like_ddp(tiny, tmp_path, method):
         assert report("fsdp export: qwen2 vs transformers", a(ids), theirs(ids).logits) <= 1e-5
 
 
-def test_fsdp_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
-    reference = tmp_path / "reference"
-    result = run(command(tiny, reference, "--fsdp", nproc=2))
-    assert result.returncode == 0, result.stderr
+def test_fsdp_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path, fsdp_focusft):
+    reference = fsdp_focusft[0]  # the same trajectory (checkpointing and diagnostics change no weight)
     out = tmp_path / "run"
-    cmd = command(tiny, out, "--fsdp", nproc=2, script=patched(tmp_path, SLOW))
+    cmd = command(tiny, out, "--fsdp", *REFERENCE_FLAGS, nproc=2, script=patched(tmp_path, SLOW))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     kill_when(proc, out / "checkpoints" / "step-000003")
     assert sorted(p.name for p in (out / "checkpoints" / "step-000003").glob("optimizer-rank*.pt")) == [

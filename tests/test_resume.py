@@ -116,17 +116,9 @@ def kill_when(proc: subprocess.Popen, ready: Path, timeout: float = 240) -> None
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
-    """The uninterrupted runs every interrupted one must reproduce bit for bit (1 and 2 processes)."""
-    root = tmp_path_factory.mktemp("reference")
-    runs = {}
-    for nproc in (1, 2):
-        out = root / f"nproc{nproc}"
-        result = run(command(tiny, out, nproc=nproc))
-        assert result.returncode == 0, result.stderr
-        runs[nproc] = out
-    return runs
+# The flags of the uninterrupted reference runs (conftest.reference), besides command()'s: diagnostics
+# every 2 steps change no weight, and make the 2-process run test_fsdp.py's DDP run too.
+REFERENCE_FLAGS = ("--attn-every", "2")
 
 
 @pytest.mark.slow
