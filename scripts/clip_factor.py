@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import focusft  # noqa: E402
 import qwen2  # noqa: E402
+import training  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     model = qwen2.random_model(config, seed=args.seed)
     optimizer = torch.optim.AdamW(focusft.param_groups(model, 0.01), lr=args.lr)
     pad = data.special_token_id(tokenizer, data.ENDOFTEXT)
-    run = focusft.Run()
+    run = training.Processes()  # one process, no group
     print("step  |grad theta|  |grad phi_K|  clip factor without  with   with/without")
     ratios = []
     for step in range(args.steps):

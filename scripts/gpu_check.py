@@ -417,6 +417,7 @@ def part_train(part: Part, size: Sizes, work: Path) -> None:
     import data
     import focusft
     import qwen2
+    import training
 
     device = torch.device(size.device)
     model_dir = small_model(work, size)
@@ -446,7 +447,7 @@ def part_train(part: Part, size: Sizes, work: Path) -> None:
             argv = [*base, "--out", str(out), *flags]
             peak = train(argv)
             steps = [r for r in focusft.read_metrics(out / "metrics.jsonl") if "loss" in r]
-            checkpoint = focusft.checkpoints(out)[-1]
+            checkpoint = training.checkpoints(out)[-1]
             final = qwen2.from_pretrained(out / "final").state_dict()
             saved = qwen2.from_pretrained(checkpoint).state_dict()  # a training checkpoint is an HF checkpoint too
             row = {"inner_ckpt": inner_ckpt, "steps": len(steps), "losses": [round(r["loss"], 4) for r in steps],
