@@ -301,6 +301,9 @@ def attention_diagnostics(model: Qwen2ForCausalLM, input_ids: Tensor, loss_mask:
     return {"sink_mass": sink_total / max(n, 1), "context_engagement": content_total / max(n, 1)}
 
 
+# ----------------------------------------------------------------------------------------------
+# The optimisation: the loss as one module, the global clip, the schedule, weight decay
+
 
 class Objective(nn.Module):
     """The micro-batch loss as a module, so DDP wraps the whole step (its hooks and gradient sync
