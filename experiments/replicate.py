@@ -403,7 +403,9 @@ def fmt_ci(c: int, n: int) -> str:
 
 def tables(res: dict, size: Size) -> str:
     lengths = eval_lengths(size)
-    lines = ["### Pretraining recipes (sink mass on the first 5 tokens; uniform = what equal attention gives)", "",
+    params = next(iter(res["pretrain"].values()))["parameters"]
+    lines = [f"### Pretraining recipes ({params / 1e6:.2f}M parameters; sink mass on the first 5 tokens; uniform = "
+             "what equal attention gives)", "",
              "| recipe | steps | final loss | sink mass | uniform | sink / uniform | short accuracy | minutes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in res["pretrain"].items():
@@ -653,7 +655,7 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
         note = ("" if made else "\n\nFigures skipped: matplotlib is not installed "
                 "(`pip install -r experiments/requirements.txt`).")
         report = [f"# FocuSFT small replication ({size.name} size)", "",
-                  f"Command: `python {PROG} {shlex.join(argv)}`  ",
+                  f"Command: `python {PROG} {shlex.join(without_stages(argv))}`  ",
                   f"Machine: {platform.machine()}, {evaluation_cpu()} CPU cores, torch {torch.__version__}, "
                   f"device {args.device}  ", "Duration (s, per stage, summed over resumed runs): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()) / 60:.1f} min",
@@ -670,6 +672,20 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
         log(f"report: {out / (name + '.md')}")
     logfile.close()
     return res
+
+
+def without_stages(argv: list[str]) -> list[str]:
+    """The command without --stages: a rerun of some stages reports the run it finishes."""
+    out, skip = [], False
+    for a in argv:
+        if a.startswith("--stages"):
+            skip = "=" not in a
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        out.append(a)
+    return out
 
 
 def evaluation_cpu() -> int:
