@@ -83,3 +83,16 @@ def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert replicate.figures({"pretrain": {}, "accuracy": {}, "diagnostics": {}}, replicate.SIZES["quick"],
                              tmp_path, {}) == []
+
+
+def test_sink_mass_of_uniform_attention_is_the_uniform_baseline():
+    # A random model with tiny weights attends almost uniformly: its sink mass must match the baseline,
+    # which is the mean over queries q >= SINK_FROM of 5 / (q + 1).
+    import torch
+
+    config = replicate.qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    model = replicate.qwen2.random_model(config, seed=0, dtype=torch.float32, std=0.002)
+    mass, uniform = replicate.sink_mass(model, torch.randint(0, 64, (2, 48)))
+    assert uniform == pytest.approx(sum(5 / (q + 1) for q in range(16, 48)) / 32)
+    assert mass == pytest.approx(uniform, rel=0.02)
