@@ -25,7 +25,11 @@ def fsdp_focusft(tiny, tmp_path_factory):
 @pytest.mark.parametrize("method", [[], ["--no-bilevel", "--causal"]], ids=["focusft", "sft"])
 def test_fsdp_trains_like_ddp(tiny, tmp_path, reference, fsdp_focusft, method):
     """2 gloo processes: FSDP2 (every layer sharded, the inner loop gathering them through FSDP's
-    hooks, the fast weights per rank) ends where DDP ends, to fp32 rounding."""
+    hooks, the fast weights per rank) ends where DDP ends, to fp32 rounding: every step's loss and gradient
+    norm, and the final weights. Only in a stable regime (test_resume.command's --alpha 16) does that prove
+    anything: at the default scale alpha / rank = 16 the inner loop's SGD at lr 1.0 amplifies rounding ~100x
+    per step, so DDP against itself with one ulp changed in one initial weight ends as far apart as FSDP
+    against DDP (step 5's grad norm 35.6 vs 17.5), and no tolerance tells a bug from reduction order."""
     if not method:  # FocuSFT: the shared runs
         runs, result = {"ddp": reference[2], "fsdp": fsdp_focusft[0]}, fsdp_focusft[1]
     else:
@@ -41,12 +45,9 @@ def test_fsdp_trains_like_ddp(tiny, tmp_path, reference, fsdp_focusft, method):
         report(f"fsdp vs ddp {n}", p, q)
         assert torch.allclose(p, q, atol=1e-5), n  # 1% of one Adam step (lr 1e-3): reduction order only
     rows = {k: [json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for k, v in runs.items()}
-    losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in rows.items()}
-    # rel 1e-4: the global clip (active from step 4 here, its norm counting the fast weights' gradients,
-    # which spike at step 6 with this tiny model's scale alpha/rank = 16) passes the reduction-order
-    # differences of the gradients on to the weights; the steps before agree to 1e-6
-    assert len(losses["fsdp"]) == 6 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-4)
-    assert losses["fsdp"][:4] == pytest.approx(losses["ddp"][:4], rel=1e-6)
+    for key in ("loss", "grad_norm"):  # every step, the global clip active at each (grad norm > 1)
+        steps = {k: [r[key] for r in v if key in r] for k, v in rows.items()}
+        assert len(steps["fsdp"]) == 6 and steps["fsdp"] == pytest.approx(steps["ddp"], rel=1e-6), key
     # the diagnostics ran under FSDP too (weights gathered on every rank), with the same numbers
     fsdp_diag = [r["attn_base"]["sink_mass"] for r in rows["fsdp"] if "attn_base" in r]
     ddp_diag = [r["attn_base"]["sink_mass"] for r in rows["ddp"] if "attn_base" in r]
