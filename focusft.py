@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import random
@@ -865,6 +866,10 @@ def main(argv: list[str] | None = None) -> None:
         train(args, procs)
     finally:
         if procs.world > 1 and dist.is_initialized():
+            # DDP's reducer sits in reference cycles; free it (and the gloo work it holds) while the
+            # group and the interpreter are alive. Left to interpreter shutdown, a worker thread's
+            # teardown can abort the process after a successful run (seen as SIGABRT under gloo).
+            gc.collect()
             dist.destroy_process_group()
 
 
