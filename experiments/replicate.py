@@ -561,6 +561,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def collect(runs: dict, eval_dir: Path, size, device: str, log) -> tuple[dict, dict, list[str]]:
+    """Accuracy (pooled and per seed) and diagnostics of every finished run; the runs not evaluated yet."""
+    accuracy, diagnostics_of, missing = {}, {}, []
+    for v in VARIANTS:
+        per_seed, pooled, diag = {n: [] for n in eval_lengths(size)}, {n: [0, 0] for n in eval_lengths(size)}, []
+        for s in size.seeds:
+            run, where = runs[v, s], eval_dir / f"{v}-s{s}"
+            if (run / "final" / "config.json").is_file():
+                diag.append(diagnostics(run))
+            if not (where / "results.json").is_file():
+                missing.append(f"{v}-s{s}")
+                continue
+            counts = evaluate_model(run / "final", where, size, device, log)
+            for n, (c, t) in counts.items():
+                per_seed[n].append(c / t)
+                pooled[n][0] += c
+                pooled[n][1] += t
+        if diag:
+            diagnostics_of[v] = diag
+        if all(p[1] for p in pooled.values()):
+            accuracy[v] = {"pooled": pooled, "per_seed": per_seed}
+    return accuracy, diagnostics_of, missing
+
+
+def write_report(out: Path, args: argparse.Namespace, argv: list[str], size, res: dict, runs: dict, times: dict,
+                 missing: list[str], suffix: str, tok, settings: dict, log) -> None:
+    """report.md (or report-evalN.md) with the protocol, the tables and the figures, and results.json."""
+    maps = {}
+    sample = data.load_samples(out / "train.jsonl", tok, max_len=size.sft_len + 1024)[0][0]
+    for v in ("sft", "focusft"):
+        final = runs[v, size.seeds[0]] / "final"
+        if (final / "config.json").is_file():
+            maps[VARIANTS[v][0]] = attention_map(final, sample)
+    made = figures(res, size, out / ("figures" + (f"-eval{suffix}" if suffix else "")), maps)
+    note = ("" if made else "\n\nFigures skipped: matplotlib is not installed "
+            "(`pip install -r experiments/requirements.txt`).")
+    report = [f"# FocuSFT small replication ({size.name} size)", "",
+              f"Command: `python {PROG} {shlex.join(without_stages(argv))}`  ",
+              f"Machine: {platform.machine()}, {evaluation_cpu()} CPU cores, torch {torch.__version__}, "
+              f"device {args.device}  ", "Duration (s, per stage, summed over resumed runs): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()) / 60:.1f} min",
+              "", protocol(size, args.device), "## Results", "",
+              ("Status: complete." if not missing else
+               f"Status: PARTIAL -- not evaluated yet: {', '.join(missing)} (rerun the same command to finish)."),
+              "", tables(res, size), note]
+    report += [f"\n![{m}](figures{f'-eval{suffix}' if suffix else ''}/{m})" for m in made]
+    name = f"report-eval{suffix}" if suffix else "report"
+    (out / f"{name}.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+    results = {"settings": settings, "command": shlex.join(argv), "times_s": times, "missing": missing, **res}
+    evaluation.write_json(out / f"{name.replace('report', 'results')}.json", results)
+    log(f"report: {out / (name + '.md')}")
+
+
 def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
     size = SIZES["quick" if args.quick else "gpu" if args.device == "cuda" else "full"]
     if args.sft_steps is not None:
@@ -625,51 +678,9 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
             timed(f"eval{suffix}_{v}", lambda v=v, s=s, run=run: evaluate_model(run / "final", eval_dir / f"{v}-s{s}",
                                                                      size, args.device, log))
     # Results of whatever is finished (the report of a partial run says what is missing).
-    missing = []
-    for v in VARIANTS:
-        per_seed, pooled, diag = {n: [] for n in eval_lengths(size)}, {n: [0, 0] for n in eval_lengths(size)}, []
-        for s in size.seeds:
-            run, where = runs[v, s], eval_dir / f"{v}-s{s}"
-            if (run / "final" / "config.json").is_file():
-                diag.append(diagnostics(run))
-            if not (where / "results.json").is_file():
-                missing.append(f"{v}-s{s}")
-                continue
-            counts = evaluate_model(run / "final", where, size, args.device, log)
-            for n, (c, t) in counts.items():
-                per_seed[n].append(c / t)
-                pooled[n][0] += c
-                pooled[n][1] += t
-        if diag:
-            res["diagnostics"][v] = diag
-        if all(p[1] for p in pooled.values()):
-            res["accuracy"][v] = {"pooled": pooled, "per_seed": per_seed}
-    maps = {}
+    res["accuracy"], res["diagnostics"], missing = collect(runs, eval_dir, size, args.device, log)
     if "report" in args.stages:
-        sample = data.load_samples(out / "train.jsonl", tok, max_len=size.sft_len + 1024)[0][0]
-        for v in ("sft", "focusft"):
-            final = runs[v, size.seeds[0]] / "final"
-            if (final / "config.json").is_file():
-                maps[VARIANTS[v][0]] = attention_map(final, sample)
-        made = figures(res, size, out / ("figures" + (f"-eval{suffix}" if suffix else "")), maps)
-        note = ("" if made else "\n\nFigures skipped: matplotlib is not installed "
-                "(`pip install -r experiments/requirements.txt`).")
-        report = [f"# FocuSFT small replication ({size.name} size)", "",
-                  f"Command: `python {PROG} {shlex.join(without_stages(argv))}`  ",
-                  f"Machine: {platform.machine()}, {evaluation_cpu()} CPU cores, torch {torch.__version__}, "
-                  f"device {args.device}  ", "Duration (s, per stage, summed over resumed runs): "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()) / 60:.1f} min",
-                  "", protocol(size, args.device), "## Results", "",
-                  ("Status: complete." if not missing else
-                   f"Status: PARTIAL -- not evaluated yet: {', '.join(missing)} (rerun the same command to finish)."),
-                  "", tables(res, size), note]
-        report += [f"\n![{m}](figures{f'-eval{suffix}' if suffix else ''}/{m})" for m in made]
-        name = f"report-eval{suffix}" if suffix else "report"
-        (out / f"{name}.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-        evaluation.write_json(out / f"{name.replace('report', 'results')}.json", {"settings": settings,
-                                                                                "command": shlex.join(argv),
-                                                     "times_s": times, "missing": missing, **res})
-        log(f"report: {out / (name + '.md')}")
+        write_report(out, args, argv, size, res, runs, times, missing, suffix, tok, settings, log)
     logfile.close()
     return res
 
