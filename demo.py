@@ -69,22 +69,19 @@ FULL = Size("full", steps=200, tokens=1024, eval_lengths=("0k", "1k", "2k"), eva
 QUICK = Size("quick", steps=4, tokens=256, eval_lengths=("0k",), eval_samples=2, hidden=64, intermediate=128)
 
 
-class DemoError(Exception):
-    """A problem the demo reports in one message (plus, for a failed stage, its output's tail)."""
+class DemoError(Exception):  # reported in one message (plus, for a failed stage, its output's tail)
+    pass
 
 
-def cpu_count() -> int:
-    """The cores this process may run on (a container's limit, not the host's)."""
+def cpu_count() -> int:  # the cores this process may run on (a container's limit, not the host's)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_nproc() -> int:
-    """Two training processes (DDP under torchrun, as on a GPU node) where the machine can run them."""
+def default_nproc() -> int:  # two processes (DDP under torchrun, as on a GPU node) where the machine can run them
     return 2 if cpu_count() >= 2 and dist.is_available() and dist.is_gloo_available() else 1
 
 
 def prepare_out(out: Path, settings: dict) -> str:
-    """Create --out, wiping an earlier demo there; refuse a directory the demo did not write."""
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out}: exists and is not a directory")
     earlier = out.is_dir() and any(out.iterdir())
@@ -104,8 +101,6 @@ def prepare_out(out: Path, settings: dict) -> str:
 
 
 def build_inputs(out: Path, size: Size, seed: int, n_samples: int) -> dict:
-    """A small BPE trained on conversations like the training data and on the evaluation's prompts, the
-    random base checkpoint (the tokenizer files beside it) and the training data; their paths and facts."""
     rng = random.Random(f"demo-tokenizer/{seed}")
     texts = [data.render_chat(r["messages"], r["tools"]) for r in
              (data.synthetic_conversation(rng, size.tokens, data.estimate_tokens) for _ in range(64))]
@@ -128,17 +123,12 @@ def build_inputs(out: Path, size: Size, seed: int, n_samples: int) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-# ----------------------------------------------------------------------------------------------------
-# The stages: each a subprocess, its output (stdout and stderr together) shown and kept in logs/
-
 # torchrun's log records ('E1128 17:26:18.683000 29184 .../torch/distributed/elastic/...') can start in the
 # middle of a worker's progress-bar line; its failure report follows the worker's own error, the one to show.
 _TORCHRUN_RECORD = re.compile(r"(?=[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S*torch/distributed/elastic/)")
 
 
 def error_tail(raw: bytes, lines: int = TAIL_LINES) -> str:
-    """The last lines of a child's output as a terminal shows them: each progress bar at its last redraw,
-    torchrun's failure report left out."""
     shown = []
     for line in _TORCHRUN_RECORD.sub("\n", raw.decode("utf-8", "replace")).split("\n"):
         frames = [f for f in line.split("\r") if f.strip()]
@@ -151,7 +141,6 @@ def error_tail(raw: bytes, lines: int = TAIL_LINES) -> str:
 
 
 def _display(cmd: list[str]) -> str:
-    """The command as a user would type it: 'python', paths relative to the working directory."""
     here = os.getcwd() + os.sep
     return shlex.join("python" if a == sys.executable else os.path.relpath(a) if a.startswith(here) else a
                       for a in cmd)
@@ -208,19 +197,12 @@ def training_command(method: str, model: Path, data_file: Path, out: Path, steps
             "--attn-every", str(max(1, steps // 4)), "--ckpt-every", "0", "--seed", str(seed), "--device", "cpu"]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The table
-
-
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
 
 
 def summarize_run(rows: list[dict], source: str = "metrics.jsonl") -> dict:
-    """What the table needs from one run's metrics.jsonl: the attention diagnostics at the start (step 0)
-    and the end (the last row with them), the median step time, the training loss at the start and the
-    end, and the inner loop's losses (FocuSFT only)."""
     diag = [r for r in rows if "attn_base" in r]
     steps = [r for r in rows if "step_s" in r]
     if not diag or not steps:
@@ -242,7 +224,6 @@ def summarize_run(rows: list[dict], source: str = "metrics.jsonl") -> dict:
 
 
 def predictions_table(examples: dict[str, dict[str, dict]], lengths: tuple[str, ...], width: int = 40) -> str:
-    """Markdown: the question and target, then each model's output (shortened), per length."""
     def output(row: dict | None) -> str:
         return "-" if row is None else repr(row["output"][:width] + ("..." if len(row["output"]) > width else ""))
 
@@ -291,7 +272,6 @@ def render_markdown(rows: list[dict]) -> str:
 
 
 def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, float]) -> str:
-    """comparison.md: what was run, the table, one prediction per model, what it can and cannot show."""
     size, n = facts["size"], facts["size"]["eval_samples"] * len(facts["tasks"])
     sinks = [v for r in rows if r["key"].endswith(("sink_start", "sink_end")) for v in r["values"].values()
              if v is not None]
@@ -320,12 +300,7 @@ def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, f
                         f"eval/*/{EXAMPLE_TASK}_*.csv):\n\n{predictions}", caveats]) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------
-# The demo
-
-
 def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Every stage, the table printed and saved; returns what comparison.json holds."""
     t_start = time.perf_counter()
     size = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
     nproc, cores, out = args.nproc or default_nproc(), cpu_count(), Path(args.out).resolve()
