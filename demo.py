@@ -153,9 +153,9 @@ def run_stage(stage: str, cmd: list[str], log_path: Path, env: dict[str, str] | 
     print(f"  $ {_display(cmd)}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}  # lines and bars in order
-    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), bytearray()
+    decoder, header = codecs.getincrementaldecoder("utf-8")(errors="replace"), f"$ {shlex.join(cmd)}\n".encode()
     with open(log_path, "wb") as log:
-        log.write(f"$ {shlex.join(cmd)}\n".encode())
+        log.write(header)
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         except OSError as e:
@@ -163,8 +163,6 @@ def run_stage(stage: str, cmd: list[str], log_path: Path, env: dict[str, str] | 
         try:  # chunks, not lines: tqdm redraws its bar with '\r'
             for chunk in iter(lambda: proc.stdout.read1(65536), b""):
                 log.write(chunk)
-                tail += chunk
-                del tail[:-TAIL_BYTES]
                 if echo:
                     sys.stdout.write(decoder.decode(chunk))
                     sys.stdout.flush()
@@ -182,7 +180,7 @@ def run_stage(stage: str, cmd: list[str], log_path: Path, env: dict[str, str] | 
             sys.exit(f"{PROG}: interrupted during stage '{stage}'; `python {PROG}` starts the demo over")
     if rc != 0:
         how = f"exit status {rc}" if rc > 0 else f"killed by signal {-rc}"
-        lines = (error_tail(bytes(tail)) or "(it wrote nothing)").split("\n")
+        lines = (error_tail(log_path.read_bytes()[len(header):][-TAIL_BYTES:]) or "(it wrote nothing)").split("\n")
         raise DemoError(f"stage '{stage}' failed ({how}). The end of its output:\n"
                         + "\n".join("  | " + line for line in lines) + f"\nIts full output is in {log_path}")
 
