@@ -47,6 +47,8 @@ TAIL_LINES, TAIL_BYTES = 20, 64 * 1024  # what a failed stage's message shows of
 METHODS = {"sft": ("Standard SFT", ["--no-bilevel", "--causal"]), "focusft": ("FocuSFT", [])}
 COLUMNS = {"base": "base model (untrained)", "sft": "Standard SFT", "focusft": "FocuSFT"}
 EXAMPLE_TASK = "qa1"  # the task whose first sample the predictions table shows
+# The cores this process may run on: a container's limit, not the host's.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,8 @@ class DemoError(Exception):  # reported in one message (plus, for a failed stage
     pass
 
 
-def cpu_count() -> int:  # the cores this process may run on (a container's limit, not the host's)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_nproc() -> int:  # two processes (DDP under torchrun, as on a GPU node) where the machine can run them
-    return 2 if cpu_count() >= 2 and dist.is_available() and dist.is_gloo_available() else 1
+    return 2 if CORES >= 2 and dist.is_available() and dist.is_gloo_available() else 1
 
 
 def prepare_out(out: Path, settings: dict) -> str:
@@ -283,17 +281,14 @@ def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, f
               f"{timings['train_focusft']:.0f} s, evaluation "
               f"{sum(v for k, v in timings.items() if k.startswith('eval_')):.0f} s).")
     caveats = (
-        f"What this shows: the pipeline runs end to end ({facts['nproc']}-process training of both methods, Hugging "
-        f"Face checkpoints, evaluation with the benchmark's prompt and scoring); the attention diagnostics of "
-        f"response tokens (sink mass: attention on the first 5 tokens; context engagement: on the other context "
-        f"tokens) on the same training sample in both runs; and what a FocuSFT step costs next to an SFT step "
-        f"(timed one run after the other, so machine load skews it; `python bench.py` measures it interleaved)."
-        f"\n\nWhat it cannot show: the paper's accuracy gains. A random {facts['parameters'] / 1e6:.1f}M-parameter "
-        f"model trained for {size['steps']} steps learns the format of its conversations, not to read "
-        f"long contexts: its accuracy is chance at best (the same room for every question scores about 13%), "
-        f"and with {n} samples per length a difference under about {noise:.0f} points is noise. A random model "
-        f"has no attention sink either (at most {max(sinks, default=0):.1%} here; the paper measures 30% for "
-        f"Standard SFT of Qwen2.5-7B). To see the method's effect, fine-tune a real Qwen2.5 (see the README).")
+        f"What this shows: the pipeline end to end, the attention diagnostics of response tokens on the same sample "
+        f"in both runs, and a FocuSFT step's cost next to an SFT step's (timed one run after the other; "
+        f"`python bench.py` times them interleaved).\n\nWhat it cannot show: the paper's accuracy gains. A random "
+        f"{facts['parameters'] / 1e6:.1f}M-parameter model trained for {size['steps']} steps learns its conversations' "
+        f"format, not to read long contexts: its accuracy is chance at best (one room for every question scores "
+        f"about 13%), and with {n} samples per length a difference under about {noise:.0f} points is noise. Nor has "
+        f"it an attention sink (at most {max(sinks, default=0):.1%} here; the paper measures 30% for Standard SFT of "
+        f"Qwen2.5-7B). docs/demo.md says more; a real Qwen2.5 shows the method's effect.")
     return "\n\n".join([header, render_markdown(rows), f"What the models answer (the outputs are in "
                         f"eval/*/{EXAMPLE_TASK}_*.csv):\n\n{predictions}", caveats]) + "\n"
 
@@ -301,7 +296,7 @@ def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, f
 def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
     t_start = time.perf_counter()
     size = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
-    nproc, cores, out = args.nproc or default_nproc(), cpu_count(), Path(args.out).resolve()
+    nproc, cores, out = args.nproc or default_nproc(), CORES, Path(args.out).resolve()
     settings = {"command": shlex.join(["python", PROG, *argv]), "size": asdict(size), "nproc": nproc,
                 "seed": args.seed, "lr": LR, "samples": min(size.steps * nproc, MAX_SAMPLES),
                 "date": datetime.date.today().isoformat(), "cpu_cores": cores, "torch": torch.__version__,
