@@ -79,3 +79,23 @@ def test_every_flag_in_the_readme_exists(capsys, monkeypatch):
                 assert flag in helps[scripts[0]], f"{name}: {scripts[0]} has no flag {flag}: {line.strip()}"
                 checked[name] += 1
     assert checked["README.md"] > 10 and sum(checked.values()) > 30, checked
+
+
+def test_every_name_in_the_reading_guide_exists():
+    # The code column names `module.attr[.attr]`; a name starting with '.' is an attribute of the previous
+    # name's owner (`qwen2.Qwen2ForCausalLM.embed`, `.logits`).
+    import importlib
+    guide = README[README.index("## Reading guide"):README.index("\n## ", README.index("## Reading guide") + 1)]
+    rows = [line for line in guide.splitlines() if line.startswith("| ") and not line.startswith("| paper")]
+    assert len(rows) > 10, guide
+    checked = 0
+    for row in rows:
+        owner = None
+        for name in re.findall(r"`([\w.]+)`", row.split("|")[-2]):
+            head, *path = name.split(".")
+            obj = importlib.import_module(head) if head else owner
+            for part in path[:-1]:
+                obj = getattr(obj, part)
+            assert hasattr(obj, path[-1]), f"README Reading guide: {name} does not exist ({row[:60]}...)"
+            owner, checked = obj, checked + 1
+    assert checked > 25, checked
