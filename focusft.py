@@ -402,8 +402,6 @@ def train(args: argparse.Namespace, procs: Processes) -> None:
     last = None  # (batch, phi_K) of the last real micro-batch, for the attention diagnostics
     while state.step < job.total_steps:
         epoch, first, group = job.micro_batches(state.step)
-        if epoch >= args.epochs:
-            break
         t0 = time.perf_counter()
         batches = [data.collate([job.samples[i] for i in mb] or [job.samples[0]], job.pad_id) for mb in group]
         weights, n_real, n_targets = loss_weights(group, batches, args.loss_norm, procs)
@@ -509,7 +507,8 @@ def prepare(args: argparse.Namespace, procs: Processes) -> Job | None:
     job = Job(args, name, out, dtype, model, model_dir, samples,
               pad_id=data.special_token_id(tokenizer, data.ENDOFTEXT),
               eos_ids=sorted({*model.config.eos_token_ids, data.special_token_id(tokenizer, data.IM_END)}),
-              steps_per_epoch=steps_per_epoch, total_steps=args.max_steps or steps_per_epoch * args.epochs,
+              steps_per_epoch=steps_per_epoch,  # --max-steps caps the epochs; the lr schedule spans what runs
+              total_steps=min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
               ckpt=ckpt, trainer_state=trainer_state, world=procs.world, rank=procs.rank)
     if job.bilevel and not adapted_layers(model.config.num_hidden_layers, args.layer_fraction):
         fail(f"--layer-fraction {args.layer_fraction} adapts no layer of a {model.config.num_hidden_layers}-layer "
@@ -791,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain causal mask in both loops instead of the hybrid mask")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=5, help="passes over the data")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after at most this many optimizer steps; the "
+                   "lr schedule spans the steps run (default: all of --epochs)")
     g.add_argument("--lr", type=float, default=1e-5, help="AdamW peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW weight decay (matrices only; not norms and biases)")

@@ -379,6 +379,21 @@ def test_weight_decay_reaches_matrices_only_in_training(tiny, tmp_path):
             assert not torch.equal(p, b[name]), f"{name} was not decayed"
 
 
+def test_max_steps_beyond_the_epochs_is_a_cap_and_the_schedule_spans_what_runs(tiny, tmp_path, capsys):
+    """--max-steps 50 on one epoch of 3 steps: training stops after the epoch, the cosine schedule is laid
+    over those 3 steps (so it ends as a 3-step run's does, not near the peak), and a rerun finds the run done."""
+    subset = tmp_path / "three.jsonl"
+    subset.write_text("".join(tiny.data.read_text().splitlines(keepends=True)[:3]))
+    flags = ["--data", str(subset), "--epochs", "1", "--max-steps", "50", "--grad-accum", "1", "--lr", "1e-3",
+             "--warmup-ratio", "0", "--no-bilevel", "--ckpt-every", "0"]
+    train_in_process(tiny, tmp_path / "run", *flags)
+    lrs = [r["lr"] for r in step_rows(tmp_path / "run")]
+    assert lrs == pytest.approx([focusft.lr_at(s, 3, 1e-3, 0.0) for s in range(3)])
+    capsys.readouterr()
+    train_in_process(tiny, tmp_path / "run", *flags)
+    assert "nothing to do" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_end_to_end_training(tiny, tmp_path, dtype):
