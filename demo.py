@@ -1,6 +1,6 @@
 """The whole pipeline in one command, on a CPU, with no downloads and no arguments (docs/demo.md):
 
-    python demo.py              # about 4 minutes on 2 CPU cores; everything goes to runs/demo
+    python demo.py              # about 3 minutes on 2 CPU cores; everything goes to runs/demo
     python demo.py --quick      # a reduced size for CI and a first look (well under a minute)
 
 A tiny tokenizer, a random Qwen2 checkpoint and synthetic agentic data; Standard SFT and FocuSFT training
