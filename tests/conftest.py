@@ -12,9 +12,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def real_tokenizer_dir(*needed: str) -> Path | None:
-    """The real Qwen2.5 tokenizer and chat template ($QWEN_TOKENIZER_DIR, else ../shared beside the repo),
+    """The real Qwen2.5 tokenizer and chat template, from $QWEN_TOKENIZER_DIR only (no guessed location),
     if it holds tokenizer.json and the `needed` files."""
-    path = Path(os.environ.get("QWEN_TOKENIZER_DIR") or ROOT.parent / "shared" / "qwen2.5-tokenizer")
+    if not os.environ.get("QWEN_TOKENIZER_DIR"):
+        return None
+    path = Path(os.environ["QWEN_TOKENIZER_DIR"])
     return path if all((path / name).is_file() for name in ("tokenizer.json", *needed)) else None
 
 
