@@ -500,7 +500,7 @@ def prepare(args: argparse.Namespace, procs: Processes) -> Job | None:
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: exists and is not a directory")
     ckpt, trainer_state = resume_point(out, args, procs)
-    model_dir, tokenizer, samples, stats, model = load_inputs(args, ckpt, procs)
+    model_dir, tokenizer, samples, stats, model = load_inputs(args, ckpt, dtype, procs)
     lengths = [len(s) for s in samples]
     per_epoch = len(data.epoch_microbatches(lengths, args.micro_batch, procs.world, procs.rank, args.seed, 0))
     steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
@@ -532,7 +532,7 @@ def prepare(args: argparse.Namespace, procs: Processes) -> Job | None:
     return job
 
 
-def load_inputs(args: argparse.Namespace, ckpt: Path | None, procs: Processes) -> tuple:
+def load_inputs(args: argparse.Namespace, ckpt: Path | None, dtype: torch.dtype, procs: Processes) -> tuple:
     """(model_dir, tokenizer, samples, stats, model), or one clear error naming the file."""
     try:
         model_dir = qwen2.checkpoint_dir(args.model)
@@ -542,7 +542,6 @@ def load_inputs(args: argparse.Namespace, ckpt: Path | None, procs: Processes) -
     try:
         samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
         # FSDP keeps fp32 master weights and computes in --dtype; DDP computes in the weights' dtype.
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         model = qwen2.from_pretrained(ckpt or model_dir, dtype=torch.float32 if args.fsdp else dtype,
                                       device=procs.device)
     except (qwen2.CheckpointError, data.DataError) as e:
@@ -680,7 +679,7 @@ def after_step(job: Job, state: TrainState, optimizer, stopping: bool, procs: Pr
             try:
                 export(weights, job.model, out / f"step-{step}", job.model_dir, job.eos_ids)
             except OSError as e:
-                        tqdm.write(f"focusft.py: warning: export {out / f'step-{step}'} failed ({e}); training goes on")
+                tqdm.write(f"focusft.py: warning: export {out / f'step-{step}'} failed ({e}); training goes on")
     return False
 
 
@@ -755,7 +754,6 @@ def diagnostics_table(rows: list[dict]) -> str:
             for stat in ("sink_mass", "context_engagement"):
                 lines.append(f"  {label:18s} {stat:19s} {start[key][stat]:8.4f}        {end[key][stat]:8.4f}")
     return "\n".join(lines)
-
 
 
 # ----------------------------------------------------------------------------------------------
