@@ -101,11 +101,7 @@ def _parse_tools(tools: Any) -> list:
     # `tools` may also be a JSON string holding the list, as parquet datasets often store it.
     if tools is None:
         return []
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"'tools' is a string that is not JSON ({e.msg} at char {e.pos})") from None
+    tools = _json_field(tools, "'tools'")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError("'tools' must be a list of objects (function schemas)")
     try:
@@ -337,7 +333,7 @@ class DataError(ValueError):
         n = len(self.problems)
         if n == 1:  # one problem, one line
             return self.problems[0]
-        lines = [f"{n} problem{'s' if n != 1 else ''} in the data:", *self.problems[: self.shown]]
+        lines = [f"{n} problems in the data:", *self.problems[: self.shown]]
         if n > self.shown:
             lines.append(f"... and {n - self.shown} more")
         return "\n".join(lines)
@@ -404,7 +400,7 @@ def _decode_json_fields(record: dict) -> dict:
     """Parquet datasets store nested data either as structs and lists (read as dicts and lists) or as
     JSON strings: a whole column, each element of a list column (one message or one tool schema per
     string), or a message's tool_calls. Any mix of these reads as the same record. (Tool-call
-    arguments and a whole `tools` string are parsed where they are used, for JSONL too.)"""
+    arguments, and a `tools` string in JSONL, are parsed where they are used.)"""
     record = dict(record)
     for column in ("messages", "tools"):
         if column not in record:

@@ -104,7 +104,7 @@ def load_tokenizer(directory: Path, flag: str) -> tokenizers.Tokenizer:
     try:
         return data.load_tokenizer(directory)
     except data.DataError as e:
-        raise EvalError(e.problems[0]) from None
+        raise EvalError(str(e)) from None  # one problem: its one line
 
 
 def eos_token_ids(directory: Path, tokenizer: tokenizers.Tokenizer) -> list[int]:

@@ -538,7 +538,7 @@ def load_inputs(args: argparse.Namespace, ckpt: Path | None, dtype: torch.dtype,
         model_dir = qwen2.checkpoint_dir(args.model)
         tokenizer = data.load_tokenizer(model_dir)
     except (qwen2.CheckpointError, data.DataError) as e:
-        fail(e.problems[0] if isinstance(e, data.DataError) else str(e))
+        fail(str(e))  # a DataError with one problem reads as that one line
     try:
         samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
         # FSDP keeps fp32 master weights and computes in --dtype; DDP computes in the weights' dtype.

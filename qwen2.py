@@ -301,11 +301,7 @@ class KVCache:
         if isinstance(self.pos, int):
             end = self.pos + k.shape[2]
             K[:, :, self.pos:end], V[:, :, self.pos:end] = k, v
-        elif k.shape[2] == 1:
-            rows = torch.arange(K.shape[0], device=K.device)
-            K[rows, :, self.pos], V[rows, :, self.pos] = k[:, :, 0], v[:, :, 0]
-            end = int(self.pos.max()) + 1
-        else:  # a chunk of S tokens per row, each row from its own position (a multi-turn continuation)
+        else:  # S tokens per row, each row from its own position: a decode step (S = 1) or a continuation
             S = k.shape[2]
             rows = torch.arange(K.shape[0], device=K.device)[:, None]
             idx = self.pos[:, None] + torch.arange(S, device=K.device)  # (B, S)
@@ -793,9 +789,9 @@ class Decoder:
         ids = torch.zeros(B, S, dtype=torch.long, device=device)
         for b, t in enumerate(new):
             ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
-        # Room for the longest extension and, per row, its whole budget (finished rows keep writing
-        # ignored tokens past their end until the batch stops, as they always have).
-        need = int(start.max()) + max(S, int((lengths - start).max()) + budget)
+        # Room for the longest extension plus the whole budget after it in every row (finished rows keep
+        # writing ignored tokens past their end until the batch stops, as they always have).
+        need = int(start.max()) + S + budget
         if self.cache is None:
             self.cache = KVCache(model.config, B, need, model.dtype, device)
         else:
@@ -864,9 +860,6 @@ def generate(model: Qwen2ForCausalLM, prompts: list[list[int]], max_new_tokens: 
     Sampling draws from `generator` (seed it for repeatable samples); see next_token for top_p."""
     if isinstance(eos_token_ids, int):
         eos_token_ids = [eos_token_ids]
-    if not prompts or max_new_tokens <= 0:
-        return [[] for _ in prompts]
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token")
+    # Decoder.extend returns [] rows for no budget and refuses an empty prompt.
     return Decoder(model, prefill_chunk).extend(prompts, [max_new_tokens] * len(prompts), eos_token_ids,
                                                 temperature, top_p, generator)
