@@ -47,8 +47,6 @@ TAIL_LINES, TAIL_BYTES = 20, 64 * 1024  # what a failed stage's message shows of
 METHODS = {"sft": ("Standard SFT", ["--no-bilevel", "--causal"]), "focusft": ("FocuSFT", [])}
 COLUMNS = {"base": "base model (untrained)", "sft": "Standard SFT", "focusft": "FocuSFT"}
 EXAMPLE_TASK = "qa1"  # the task whose first sample the predictions table shows
-# The cores this process may run on: a container's limit, not the host's.
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ class DemoError(Exception):  # reported in one message (plus, for a failed stage
 
 
 def default_nproc() -> int:  # two processes (DDP under torchrun, as on a GPU node) where the machine can run them
-    return 2 if CORES >= 2 and dist.is_available() and dist.is_gloo_available() else 1
+    return 2 if evaluation.usable_cores() >= 2 and dist.is_available() and dist.is_gloo_available() else 1
 
 
 def prepare_out(out: Path, settings: dict) -> str:
@@ -296,7 +294,7 @@ def report(facts: dict, rows: list[dict], predictions: str, timings: dict[str, f
 def run_demo(args: argparse.Namespace, argv: list[str]) -> dict:
     t_start = time.perf_counter()
     size = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
-    nproc, cores, out = args.nproc or default_nproc(), CORES, Path(args.out).resolve()
+    nproc, cores, out = args.nproc or default_nproc(), evaluation.usable_cores(), Path(args.out).resolve()
     settings = {"command": shlex.join(["python", PROG, *argv]), "size": asdict(size), "nproc": nproc,
                 "seed": args.seed, "lr": LR, "samples": min(size.steps * nproc, MAX_SAMPLES),
                 "date": datetime.date.today().isoformat(), "cpu_cores": cores, "torch": torch.__version__,

@@ -283,7 +283,7 @@ def execute(code: str, timeout: float = TOOL_TIMEOUT, memory_mb: int = TOOL_MEMO
 def default_workers(memory_mb: int = TOOL_MEMORY_MB) -> int:
     """Parallel sandbox calls this machine holds: one per CPU core, and no more than the available memory
     fits at each call's limit."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = evaluation.usable_cores()
     try:
         with open("/proc/meminfo") as f:
             avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))

@@ -541,6 +541,11 @@ def benchmark_batching(engine: LocalEngine, prompts: list[list[int]], what: str,
     return {"samples_per_s": report, "identical": same}
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: a container's or taskset's limit, not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 

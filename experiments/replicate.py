@@ -599,7 +599,7 @@ def write_report(out: Path, args: argparse.Namespace, argv: list[str], size, res
             "(`pip install -r experiments/requirements.txt`).")
     report = [f"# FocuSFT small replication ({size.name} size)", "",
               f"Command: `python {PROG} {shlex.join(without_stages(argv))}`  ",
-              f"Machine: {platform.machine()}, {evaluation_cpu()} CPU cores, torch {torch.__version__}, "
+              f"Machine: {platform.machine()}, {evaluation.usable_cores()} CPU cores, torch {torch.__version__}, "
               f"device {args.device}  ", "Duration (s, per stage, summed over resumed runs): "
               + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()) / 60:.1f} min",
               "", protocol(size, args.device), "## Results", "",
@@ -697,11 +697,6 @@ def without_stages(argv: list[str]) -> list[str]:
         skip = False
         out.append(a)
     return out
-
-
-def evaluation_cpu() -> int:
-    import os
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
