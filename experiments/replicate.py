@@ -167,16 +167,11 @@ def sink_mass(model, windows: torch.Tensor) -> tuple[float, float]:
     """Mean attention of queries at positions >= SINK_FROM on the first SINK keys (causal), over heads, layers
     and queries; and what uniform attention over the visible keys would give."""
     B, S = windows.shape
-    queries = torch.zeros(B, S, dtype=torch.bool)
-    queries[:, SINK_FROM:] = True
-    h = model.embed(windows.to(model.device))
-    total = []
-    for i in range(model.config.num_hidden_layers):
-        for probs in model.attention_probabilities(h, i, queries.to(model.device)):  # (H, N, S)
-            total.append(probs[..., :SINK].sum(-1).mean().item())
-        h = model.run_layers(h, i, i + 1)
+    windows = windows.to(model.device)
+    queries = (torch.arange(S, device=model.device) >= SINK_FROM).expand(B, S)  # the "response" rows
+    mass = focusft.attention_diagnostics(model, windows, queries, torch.ones_like(windows), None)["sink_mass"]
     uniform = sum(min(1.0, SINK / (q + 1)) for q in range(SINK_FROM, S)) / (S - SINK_FROM)
-    return sum(total) / len(total), uniform
+    return mass, uniform
 
 
 @torch.no_grad()
