@@ -58,17 +58,18 @@ def make_config(args) -> qwen2.Qwen2Config:
     return config
 
 
-def make_batch(seq: int, vocab: int, response_fraction: float, turns: int, device) -> dict:
-    """One sample of `turns` context/response pairs; the responses hold `response_fraction` of it."""
+def make_batch(seq: int, vocab: int, response_fraction: float, turns: int, device, batch: int = 1) -> dict:
+    """`batch` samples (B, seq) of `turns` context/response pairs; the responses hold `response_fraction`
+    of each. Row 0 is the same whatever `batch` (one draw of (B, seq) from the same seed)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, seq), generator=g)
-    loss_mask = torch.zeros(1, seq, dtype=torch.long)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    loss_mask = torch.zeros(batch, seq, dtype=torch.long)
     pair = seq // turns
     reply = max(1, round(pair * response_fraction))
     for t in range(turns):
-        loss_mask[0, (t + 1) * pair - reply:(t + 1) * pair] = 1
+        loss_mask[:, (t + 1) * pair - reply:(t + 1) * pair] = 1
     return {"input_ids": ids.to(device), "loss_mask": loss_mask.to(device),
-            "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device)}
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
 
 
 def build(args) -> tuple[qwen2.Qwen2ForCausalLM, dict]:

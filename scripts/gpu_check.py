@@ -192,26 +192,19 @@ def tiny_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def turns_batch(batch: int, seq: int, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids, loss mask, attention mask (B, S): two context/response turn pairs, responses 25% of it."""
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-    loss_mask = torch.zeros(batch, seq, dtype=torch.long)
-    for end in (seq // 2, seq):
-        loss_mask[:, end - seq // 8:end] = 1
-    return ids.to(device), loss_mask.to(device), torch.ones(batch, seq, dtype=torch.long, device=device)
-
-
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
 def part_numerics(part: Part, size: Sizes, work: Path) -> None:
+    import bench
     import focusft
     import qwen2
 
     device = torch.device(size.device)
     directory = tiny_checkpoint(work / "numerics-model")
-    ids, loss_mask, attention_mask = turns_batch(2, 48, 211, device)
+    batch = bench.make_batch(48, 211, 0.25, 2, device, batch=2)  # two context/response pairs, 25% responses
+    ids, loss_mask, attention_mask = batch["input_ids"], batch["loss_mask"], batch["attention_mask"]
     mask = focusft.hybrid_mask(loss_mask, attention_mask)
     tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # bf16: a few roundings of 2^-8 on logits ~1-3
 
@@ -302,6 +295,7 @@ def sdpa_reasons(caught: list) -> list[str]:
 def part_sdpa(part: Part, size: Sizes, work: Path) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import bench
     import focusft
     import qwen2
 
@@ -315,8 +309,8 @@ def part_sdpa(part: Part, size: Sizes, work: Path) -> None:
         q, k, v = (torch.randn(B, n, s, hd, generator=g).to(device, dtype) for n, s in ((H, Sq), (KV, T), (KV, T)))
         return [t.requires_grad_(grad) for t in (q, k, v)]
 
-    ids, loss_mask, attention_mask = turns_batch(1, S, 2, device)
-    hybrid = focusft.hybrid_mask(loss_mask, attention_mask)  # (1, 1, S, S)
+    turns = bench.make_batch(S, 2, 0.25, 2, device)
+    hybrid = focusft.hybrid_mask(turns["loss_mask"], turns["attention_mask"])  # (1, 1, S, S)
     B = 8  # decoding: 8 rows of different lengths over a cache of S positions, one query each
     lengths = torch.linspace(S // 2, S, B).long().to(device)
     decode_mask = (torch.arange(S, device=device)[None] < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
