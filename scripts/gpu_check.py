@@ -28,10 +28,8 @@ data and training runs go to --work (a temporary directory by default, removed a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
-import io
 import json
 import math
 import os
@@ -389,24 +387,6 @@ def small_model(work: Path, size: Sizes) -> Path:
 # Part 3: training through focusft.py's command line
 
 
-def help_of(parse_args) -> str:
-    """A script's --help text (to see how it spells a flag)."""
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        parse_args(["--help"])
-    return text.getvalue()
-
-
-def inner_ckpt_settings(parse_args, argv: list[str]) -> list[tuple[bool, list[str]]]:
-    """(inner checkpointing, flags) for the script's default first, then the other setting, whether the
-    flag is a switch (--inner-ckpt) or a pair with a default (--inner-ckpt / --no-inner-ckpt)."""
-    default = bool(parse_args(argv).inner_ckpt)
-    other = ["--inner-ckpt"] if not default else ["--no-inner-ckpt"]
-    if other[0] not in help_of(parse_args):
-        return [(default, [])]
-    return [(default, []), (not default, other)]
-
-
 def part_train(part: Part, size: Sizes, work: Path) -> None:
     import data
     import focusft
@@ -434,7 +414,8 @@ def part_train(part: Part, size: Sizes, work: Path) -> None:
         focusft.main(argv)
         return peak_gb(device)
 
-    for i, (inner_ckpt, flags) in enumerate(inner_ckpt_settings(focusft.parse_args, base)):
+    # focusft.py's default (--inner-ckpt) first, with the resume; then the other setting
+    for i, (inner_ckpt, flags) in enumerate(((True, []), (False, ["--no-inner-ckpt"]))):
         def run(inner_ckpt=inner_ckpt, flags=flags, resume=i == 0):
             out = work / f"train-inner-ckpt-{'on' if inner_ckpt else 'off'}"
             shutil.rmtree(out, ignore_errors=True)
@@ -482,12 +463,11 @@ def part_bench7b(part: Part, size: Sizes, work: Path, deadline: float) -> None:
     say("python bench.py " + " ".join(base) + "  (one random model for every measurement)")
     torch.manual_seed(0)
     model, batch = bench.build(bench.parse_args(base))  # drawing 7B random weights takes about a minute
-    settings = inner_ckpt_settings(bench.parse_args, base)
     part.record("memory", "steps: peak_gb is one step's peak above the weights and the batch (bench.py's measure); "
                           "longest_step: peak_gb_total is everything allocated, weights included")
 
-    def measure(inner_ckpt: bool, flags: list[str], variants: list[str]) -> None:
-        args = bench.parse_args([*base, *flags, "--variants", *variants])
+    def measure(inner_ckpt: bool, variants: list[str]) -> None:
+        args = bench.parse_args([*base, "--variants", *variants])
         result = bench.measure(model, batch, args)
         result.update(bench.ratios(result))
         print(bench.table(result, args.variants), flush=True)
@@ -499,23 +479,19 @@ def part_bench7b(part: Part, size: Sizes, work: Path, deadline: float) -> None:
         part.record(f"ratios (inner_ckpt={inner_ckpt})",
                     {k: v for k, v in result.items() if "_over_" in k} | {"response_tokens": result["response_tokens"]})
 
-    (default, flags), *others = settings
-    part.attempt("bench default", lambda: measure(default, flags, ["sft", "focusft", "authors_way"]))
+    part.attempt("bench default", lambda: measure(True, ["sft", "focusft", "authors_way"]))  # --inner-ckpt
     free_memory()
 
     def longest() -> None:
         # One FocuSFT step (forward, inner loop, backward; no optimizer states) at doubling lengths, with the
-        # memory-lean setting, until one does not fit, the list ends, or the next would pass the time limit.
-        inner_flags = next((f for on, f in settings if on), None)
-        if inner_flags is None:
-            part.record("search_note", "bench.py has no inner checkpointing: searched with its default")
-        args_flags = inner_flags or []
+        # memory-lean setting (bench.py's default, --inner-ckpt), until one does not fit, the list ends, or the
+        # next would pass the time limit.
         last = None  # (seq, seconds)
         for seq in size.search:
             if last and time.monotonic() + 1.5 * last[1] * (seq / last[0]) ** 2 > deadline:
                 part.add_row("longest_step", {"seq": seq, "fits": "not tried: would pass the time limit"})
                 break
-            args = bench.parse_args([*base, *args_flags, "--seq", str(seq)])
+            args = bench.parse_args([*base, "--seq", str(seq)])
             step = bench.step_fn("focusft", model, bench.make_batch(seq, s["vocab_size"], 0.25, 2, device), args)
             free_memory()
             if device.type == "cuda":
@@ -542,9 +518,9 @@ def part_bench7b(part: Part, size: Sizes, work: Path, deadline: float) -> None:
         part.record("longest_fitting_seq", max(fitting) if fitting else None)
 
     part.attempt("longest step", longest)
-    for inner_ckpt, other_flags in others:  # the other setting changes only the FocuSFT variant
-        free_memory()
-        part.attempt(f"bench inner_ckpt={inner_ckpt}", lambda i=inner_ckpt, f=other_flags: measure(i, f, ["focusft"]))
+    free_memory()
+    # the other setting changes only the FocuSFT row: bench.py's variant for focusft.py --no-inner-ckpt
+    part.attempt("bench inner_ckpt=False", lambda: measure(False, ["focusft_no_inner_ckpt"]))
 
 
 # ----------------------------------------------------------------------------------------------
