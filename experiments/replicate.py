@@ -317,23 +317,21 @@ def eval_lengths(size: Size) -> list[str]:
     return [str(size.sft_len * k) for k in (1, 2, 4, 8)]
 
 
-def evaluate_model(model: Path, where: Path, size: Size, device: str, log) -> dict:
-    """Correct and total per length (all tasks), from eval_babilong.py's predictions."""
-    lengths = eval_lengths(size)
-    argv = ["--model", str(model), "--synthetic", "--lengths", *lengths, "--tasks", *size.tasks,
+def evaluate_model(model: Path, where: Path, size: Size, device: str, log) -> None:
+    """eval_babilong.py on the model into `where`, unless its results.json is there already."""
+    argv = ["--model", str(model), "--synthetic", "--lengths", *eval_lengths(size), "--tasks", *size.tasks,
             "--max-samples", str(size.eval_samples),
             "--chat-template", "--seed", "0", "--device", device, "--out", str(where)]
     if not (where / "results.json").is_file():
         call("eval_babilong.py", eval_babilong.main, argv, log)
-    counts = {}
-    for length in lengths:
-        c = n = 0
-        for task in size.tasks:
-            prompt = eval_babilong.default_prompt(task, chat_template=True)
-            ci, ni = eval_babilong.score_csv(eval_babilong.pair_paths(where, task, length, prompt)[0], task)
-            c, n = c + ci, n + ni
-        counts[length] = [c, n]
-    return counts
+
+
+def eval_counts(where: Path, size: Size) -> dict:
+    """Correct and total per length (all tasks), from eval_babilong.py's results.json in `where`."""
+    results = json.loads((where / "results.json").read_text())
+    correct, total = results["correct"], results["total"]  # task -> length -> count
+    return {n: [sum(correct[t][n] for t in size.tasks), sum(total[t][n] for t in size.tasks)]
+            for n in eval_lengths(size)}
 
 
 def diagnostics(run: Path) -> list[dict]:
@@ -556,7 +554,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def collect(runs: dict, eval_dir: Path, size, device: str, log) -> tuple[dict, dict, list[str]]:
+def collect(runs: dict, eval_dir: Path, size) -> tuple[dict, dict, list[str]]:
     """Accuracy (pooled and per seed) and diagnostics of every finished run; the runs not evaluated yet."""
     accuracy, diagnostics_of, missing = {}, {}, []
     for v in VARIANTS:
@@ -568,8 +566,7 @@ def collect(runs: dict, eval_dir: Path, size, device: str, log) -> tuple[dict, d
             if not (where / "results.json").is_file():
                 missing.append(f"{v}-s{s}")
                 continue
-            counts = evaluate_model(run / "final", where, size, device, log)
-            for n, (c, t) in counts.items():
+            for n, (c, t) in eval_counts(where, size).items():
                 per_seed[n].append(c / t)
                 pooled[n][0] += c
                 pooled[n][1] += t
@@ -673,7 +670,7 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
             timed(f"eval{suffix}_{v}", lambda v=v, s=s, run=run: evaluate_model(run / "final", eval_dir / f"{v}-s{s}",
                                                                      size, args.device, log))
     # Results of whatever is finished (the report of a partial run says what is missing).
-    res["accuracy"], res["diagnostics"], missing = collect(runs, eval_dir, size, args.device, log)
+    res["accuracy"], res["diagnostics"], missing = collect(runs, eval_dir, size)
     if "report" in args.stages:
         write_report(out, args, argv, size, res, runs, times, missing, suffix, tok, settings, log)
     logfile.close()
