@@ -230,10 +230,7 @@ def pretrain(out: Path, tok, size: Size, recipe: str, device: str, log) -> dict:
     torch.manual_seed(1234)
     model = qwen2.random_model(model_config(tok, size), seed=1234, dtype=torch.float32, device=device)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=size.pre_lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(focusft.param_groups(model, 0.1), lr=size.pre_lr, betas=(0.9, 0.95))
     rng = random.Random(f"replicate/pretrain/{recipe}")
     held = random.Random(f"replicate/held-out/{recipe}")
     probe_windows = torch.tensor([make_window(held, tok, recipe, size.pre_len, eot, n_plain)[:-1] for _ in range(8)])
