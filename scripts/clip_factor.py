@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             gen = focusft.fast_weight_generator(args.seed, 0, step * args.grad_accum + j)
             out = focusft.focusft_step(model, b["input_ids"], b["loss_mask"], b["attention_mask"], generator=gen)
             (out.loss / args.grad_accum).backward()
-            g = focusft.fast_grads_of(out.fast)
-            fast_grads = g if fast_grads is None else [a + c for a, c in zip(fast_grads, g, strict=True)]
+            fast_grads = focusft.add_fast_grads(fast_grads, out.fast)
         theta = float(torch.nn.utils.get_total_norm([q.grad for q in model.parameters()]))
         phi = float(torch.cat([g.flatten() for g in fast_grads]).norm())
         total = focusft.clip_gradients(model, fast_grads, 1.0, run)  # the trainer's clip, applied
