@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import save_hf
+from conftest import hf_config, hf_model
 
 import focusft
 import qwen2
@@ -45,11 +45,12 @@ SHORT = [0] * 7 + [1] * 3 + [0] * 2 + [1] * 2
 def checkpoint(tmp_path_factory):
     """A tiny random HF checkpoint (3 layers, 4 query heads over 2 KV heads, random q/k/v biases),
     its queries scaled up so the attention is far from uniform (a wrong score shows)."""
-    directory, model = save_hf(tmp_path_factory.mktemp("diag"))
+    model = hf_model(hf_config())
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(20.0)
             layer.self_attn.q_proj.bias.mul_(20.0)
+    directory = tmp_path_factory.mktemp("diag") / "checkpoint"
     model.save_pretrained(directory)
     return directory
 
