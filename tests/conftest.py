@@ -1,6 +1,8 @@
 """Shared test helpers: tiny random Qwen2 checkpoints built in the HF format by transformers itself."""
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +44,23 @@ def require_real_tokenizer(*needed: str) -> Path:
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     return require_real_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """The real Qwen2.5 tokenizer through `tokenizers`, as data.py uses it."""
+    import data
+
+    return data.load_tokenizer(require_real_tokenizer("chat_template.jinja"))
+
+
+@pytest.fixture(scope="session")
+def hf():
+    """The reference: transformers' tokenizer + the real jinja chat template."""
+    d = require_real_tokenizer("chat_template.jinja")
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    return tok, (d / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 def hf_config(tied: bool = False, **overrides):
@@ -115,13 +134,81 @@ def tiny(tmp_path_factory):
     return SimpleNamespace(root=root, model=root / "model", data=root / "train.jsonl", tokenizer=tokenizer)
 
 
+def batch_of(tiny, n: int = 3, start: int = 0) -> dict:
+    """Samples start..start+n-1 of the tiny data as one padded batch."""
+    import data
+
+    samples, _ = data.load_samples([tiny.data], tiny.tokenizer, max_len=4096)
+    return data.collate(samples[start:start + n], pad_id=tiny.tokenizer.token_to_id("<|endoftext|>"))
+
+
+def fixed_init_A(model, layers, rank, seed=0):
+    """Seeded fast-weight A factors for `layers`, so two computations start from the same phi_0."""
+    import focusft
+
+    g = torch.Generator().manual_seed(seed)
+    return {(i, n): torch.randn(rank, getattr(model.model.layers[i].mlp, n).weight.shape[1], generator=g) * 0.1
+            for i in layers for n in focusft.TARGETS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs: focusft.py in subprocesses (torchrun for several processes) or in this process
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+STEPS = 6
+# The flags of the uninterrupted reference runs (`reference`), besides command()'s: diagnostics every
+# 2 steps change no weight, and make the 2-process run test_fsdp.py's DDP run too.
+REFERENCE_FLAGS = ("--attn-every", "2")
+
+
+def launcher(nproc: int) -> list[str]:
+    # --standalone: a free port per launch, so back-to-back or parallel runs never collide
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [sys.executable]
+
+
+def command(tiny, out: Path, *extra: str, nproc: int = 1, script: Path | None = None) -> list[str]:
+    """The short run the resume and FSDP tests interrupt and compare: STEPS steps, a checkpoint each."""
+    # --alpha 16 (scale alpha / rank = 4, not the default's 16): with the inner loop's SGD at lr 1.0 this tiny
+    # model's training is then stable -- one ulp in one initial weight moves the final weights by ~1e-6 -- where at
+    # scale 16 the same ulp turns step 5's grad norm from 35.6 into 17.5 (tests/test_fsdp.py compares runs).
+    return launcher(nproc) + [str(script or ROOT / "focusft.py"), "--model", str(tiny.model), "--data",
+                              str(tiny.data), "--out", str(out), "--max-steps", str(STEPS), "--grad-accum", "2",
+                              "--lr", "1e-3", "--rank", "4", "--alpha", "16", "--ckpt-every", "1", "--keep", "3",
+                              *extra]
+
+
+def run(cmd, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """cmd with ENV (plus `env`), its output captured as text."""
+    return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def train_in_process(tiny, out, *extra) -> None:
+    """One process, in this one (no interpreter start-up): focusft.main with an argv list. The
+    trainer's SIGINT/SIGTERM handlers are put back afterwards."""
+    import focusft
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        focusft.main(["--model", str(tiny.model), "--data", str(tiny.data), "--out", str(out), *extra])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def step_rows(out: Path) -> list[dict]:
+    """The optimizer steps' rows of out/metrics.jsonl (skipped steps included; not the step-0 row)."""
+    import focusft
+
+    return [r for r in focusft.read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
 @pytest.fixture(scope="session")
 def reference(tiny, tmp_path_factory):
-    """The uninterrupted training runs (test_resume.command's flags) that every interrupted run must
-    reproduce bit for bit, on 1 and 2 processes: {nproc: output directory}. One per session, shared by
+    """The uninterrupted training runs (command()'s flags) that every interrupted run must reproduce
+    bit for bit, on 1 and 2 processes: {nproc: output directory}. One per session, shared by
     test_resume.py and test_fsdp.py (which compares FSDP with the 2-process DDP run)."""
-    from test_resume import REFERENCE_FLAGS, command, run
-
     root = tmp_path_factory.mktemp("reference")
     runs = {}
     for nproc in (1, 2):

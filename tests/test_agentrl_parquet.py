@@ -7,9 +7,9 @@ import json
 import random
 
 import pytest
+from conftest import step_rows, train_in_process
 
 import data
-import focusft
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -141,10 +141,10 @@ def test_focusft_trains_on_the_file_as_it_is(tiny, agentrl, tmp_path, capsys):
     """`focusft.py --data full_sft_3k_shuffled_v4.parquet`: no conversion step."""
     _, _, paths = agentrl
     out = tmp_path / "run"
-    focusft.main(["--model", str(tiny.model), "--data", str(paths["structs, arguments as JSON strings"]),
-                  "--out", str(out), "--max-steps", "1", "--grad-accum", "1", "--rank", "4", "--ckpt-every", "0"])
+    train_in_process(tiny, out, "--data", str(paths["structs, arguments as JSON strings"]), "--max-steps", "1",
+                     "--grad-accum", "1", "--rank", "4", "--ckpt-every", "0")
     printed = capsys.readouterr().out
     assert "300 records read" in printed and "0 bad" in printed
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    rows = step_rows(out)
     assert len(rows) == 1 and rows[0]["loss"] == rows[0]["loss"] and rows[0]["response_tokens"] > 0
     assert (out / "final" / "model.safetensors").is_file()

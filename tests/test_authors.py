@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import report, require_real_tokenizer
+from conftest import batch_of, fixed_init_A, report, step_rows, train_in_process
 from test_data import CONVERSATIONS, call
 
 import data
@@ -16,19 +16,6 @@ import qwen2
 from qwen2 import LowRank
 
 # ---------------------------------------------------------------------------------------------- the data
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return data.load_tokenizer(require_real_tokenizer("chat_template.jinja"))
-
-
-@pytest.fixture(scope="module")
-def hf():
-    d = require_real_tokenizer("chat_template.jinja")
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
-    return tok, (d / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 def authors_encoding(hf, messages: list[dict], tools=None) -> tuple[list[int], list[int]]:
@@ -190,13 +177,12 @@ def test_optimizer_steps_equal_the_authors(tiny, tmp_path):
     the weights after the clipped updates."""
     lr, rank, alpha, fraction = 1e-2, 4, 16.0, 0.5
     out = tmp_path / "run"
-    focusft.main(["--model", str(tiny.model), "--data", str(tiny.data), "--out", str(out), "--max-steps", "2",
-                  "--grad-accum", "3", "--lr", str(lr), "--warmup-ratio", "0", "--rank", str(rank), "--alpha",
-                  str(alpha), "--layer-fraction", str(fraction), "--ckpt-every", "0", "--dtype", "fp32"])
+    train_in_process(tiny, out, "--max-steps", "2", "--grad-accum", "3", "--lr", str(lr), "--warmup-ratio", "0",
+                     "--rank", str(rank), "--alpha", str(alpha), "--layer-fraction", str(fraction),
+                     "--ckpt-every", "0", "--dtype", "fp32")
     ours = qwen2.from_pretrained(out / "final")
     theirs, norms = authors_steps(tiny, 2, 3, lr, rank, alpha, fraction)
-    logged = [r["grad_norm"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if "grad_norm" in r]
+    logged = [r["grad_norm"] for r in step_rows(out)]
     print(f"[authors] gradient norms: ours {logged}, theirs {norms}")
     assert min(norms) > 1.0  # the clip is active in both steps
     assert logged == pytest.approx(norms, rel=1e-5)
@@ -228,13 +214,11 @@ def test_padding_changes_nothing(tiny):
     """The authors pad every sample to max_length (4096); at micro-batch 1 nothing is padded here.
     Padding is masked: the loss and every gradient are the same, so this only costs them compute."""
     model = qwen2.from_pretrained(tiny.model)
-    samples, _ = data.load_samples([tiny.data], tiny.tokenizer, max_len=4096)
     pad = tiny.tokenizer.token_to_id("<|endoftext|>")
-    b = data.collate(samples[:1], pad)
+    b = batch_of(tiny, 1)
     n = b["input_ids"].shape[1]
     padded = {k: F.pad(v, (0, 64), value=pad if k == "input_ids" else 0) for k, v in b.items()}
-    init_A = {(i, name): torch.randn(4, getattr(model.model.layers[i].mlp, name).weight.shape[1]) * 0.1
-              for i in focusft.adapted_layers(4, 0.5) for name in focusft.TARGETS}
+    init_A = fixed_init_A(model, focusft.adapted_layers(4, 0.5), 4)
     results = []
     for batch in (b, padded):
         loss, inner = focusft.focusft_loss(model, batch["input_ids"], batch["loss_mask"], batch["attention_mask"],

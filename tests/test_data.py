@@ -24,21 +24,6 @@ def _need_qwen() -> Path:
     return require_real_tokenizer("chat_template.jinja")  # a skip for a developer, a failure in CI
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    """The real Qwen2.5 tokenizer through `tokenizers`, as data.py uses it."""
-    return data.load_tokenizer(_need_qwen())
-
-
-@pytest.fixture(scope="module")
-def hf():
-    """The reference: transformers' tokenizer + the real jinja chat template."""
-    d = _need_qwen()
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
-    return tok, (d / "chat_template.jinja").read_text(encoding="utf-8")
-
-
 def hf_text(hf, messages, tools=None, gen=False) -> str:
     tok, template = hf
     return tok.apply_chat_template(

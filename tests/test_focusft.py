@@ -2,30 +2,14 @@
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, report
+from conftest import ROOT, batch_of, fixed_init_A, launcher, report, run, step_rows, train_in_process
 
-import data
 import focusft
 import qwen2
-
-
-def batch_of(tiny, n: int = 3, start: int = 0) -> dict:
-    samples, _ = data.load_samples([tiny.data], tiny.tokenizer, max_len=4096)
-    return data.collate(samples[start:start + n], pad_id=tiny.tokenizer.token_to_id("<|endoftext|>"))
-
-
-def fixed_init_A(model, layers, rank, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {(i, n): torch.randn(rank, getattr(model.model.layers[i].mlp, n).weight.shape[1], generator=g) * 0.1
-            for i in layers for n in focusft.TARGETS}
 
 
 # ---------------------------------------------------------------------------------------------- the mask
@@ -282,25 +266,10 @@ def test_weight_decay_on_matrices_only(tiny):
 
 
 def train(tiny, out, *extra, nproc: int = 1):
-    # --standalone: a free port per launch, so back-to-back or parallel runs never collide
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-           if nproc > 1 else [sys.executable]) + [str(ROOT / "focusft.py"), "--model", str(tiny.model), "--data",
-                                                 str(tiny.data), "--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = run(launcher(nproc) + [str(ROOT / "focusft.py"), "--model", str(tiny.model), "--data", str(tiny.data),
+                                    "--out", str(out), *extra], timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
-
-
-def train_in_process(tiny, out, *extra) -> None:
-    """One process, in this one (no interpreter start-up): focusft.main with an argv list. The
-    trainer's SIGINT/SIGTERM handlers are put back afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        focusft.main(["--model", str(tiny.model), "--data", str(tiny.data), "--out", str(out), *extra])
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")
@@ -322,10 +291,6 @@ def data_parallel_runs(tiny, tmp_path_factory):
         return done[key]
 
     return get
-
-
-def step_rows(out) -> list[dict]:
-    return [r for r in focusft.read_metrics(out / "metrics.jsonl") if "loss" in r]
 
 
 @pytest.mark.slow
@@ -405,7 +370,7 @@ def test_end_to_end_training(tiny, tmp_path, dtype):
     out = tmp_path / "run"
     result = train(tiny, out, "--data", str(small), "--epochs", "6", "--grad-accum", "2", "--lr", "3e-3",
                    "--warmup-ratio", "0", "--rank", "4", "--attn-every", "3", "--dtype", dtype, "--save-every", "4")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = focusft.read_metrics(out / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "attn_base" in rows[0]  # the start diagnostics
     rows = rows[1:]
     assert len(rows) == 12 and rows[-1]["step"] == 12

@@ -1,12 +1,13 @@
 """--fsdp (FSDP2, fp32 master weights): the same training as DDP, an HF export, exact resume."""
 
-import json
 import subprocess
 
 import pytest
 import torch
-from conftest import report
-from test_resume import ENV, REFERENCE_FLAGS, SLOW, assert_bitwise_equal, command, kill_when, patched, run
+from conftest import ENV, REFERENCE_FLAGS, command, report, run, step_rows
+from test_resume import SLOW, assert_bitwise_equal, kill_when, patched
+
+import focusft
 
 import qwen2
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow  # every test here launches training processes
 
 @pytest.fixture(scope="module")
 def fsdp_focusft(tiny, tmp_path_factory):
-    """A 2-process FSDP run with the flags of the shared DDP reference run (test_resume.reference)."""
+    """A 2-process FSDP run with the flags of the shared DDP reference run (conftest.reference)."""
     out = tmp_path_factory.mktemp("fsdp") / "focusft"
     result = run(command(tiny, out, "--fsdp", *REFERENCE_FLAGS, "--ckpt-every", "0", nproc=2))
     assert result.returncode == 0, result.stderr
@@ -44,7 +45,7 @@ def test_fsdp_trains_like_ddp(tiny, tmp_path, reference, fsdp_focusft, method):
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         report(f"fsdp vs ddp {n}", p, q)
         assert torch.allclose(p, q, atol=1e-5), n  # 1% of one Adam step (lr 1e-3): reduction order only
-    rows = {k: [json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for k, v in runs.items()}
+    rows = {k: focusft.read_metrics(v / "metrics.jsonl") for k, v in runs.items()}
     for key in ("loss", "grad_norm"):  # every step, the global clip active at each (grad norm > 1)
         steps = {k: [r[key] for r in v if key in r] for k, v in rows.items()}
         assert len(steps["fsdp"]) == 6 and steps["fsdp"] == pytest.approx(steps["ddp"], rel=1e-6), key
@@ -83,5 +84,5 @@ def test_fsdp_one_process_mixed_precision(tiny, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "sharded (FSDP) over 1" in result.stdout
     assert qwen2.from_pretrained(out / "final").dtype == torch.bfloat16
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    rows = step_rows(out)
     assert all(r["loss"] == r["loss"] for r in rows) and len(rows) == 6

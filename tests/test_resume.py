@@ -2,7 +2,6 @@
 a dying rank, failing disks. Each test drives the real CLI in subprocesses (marked slow), except the
 checks that end before training, which call focusft.main in-process."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,28 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ENV, ROOT, STEPS, command, run, step_rows
 
 import qwen2
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-STEPS = 6
-
-
-def command(tiny, out: Path, *extra: str, nproc: int = 1, script: Path | None = None) -> list[str]:
-    # --standalone: a free port per launch, so back-to-back or parallel runs never collide
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc > 1 else [sys.executable]
-    # --alpha 16 (scale alpha / rank = 4, not the default's 16): with the inner loop's SGD at lr 1.0 this tiny
-    # model's training is then stable -- one ulp in one initial weight moves the final weights by ~1e-6 -- where at
-    # scale 16 the same ulp turns step 5's grad norm from 35.6 into 17.5 (tests/test_fsdp.py compares runs).
-    return launcher + [str(script or ROOT / "focusft.py"), "--model", str(tiny.model), "--data", str(tiny.data),
-                       "--out", str(out), "--max-steps", str(STEPS), "--grad-accum", "2", "--lr", "1e-3",
-                       "--rank", "4", "--alpha", "16", "--ckpt-every", "1", "--keep", "3", *extra]
-
-
-def run(cmd, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
 def run_in_process(capsys, cmd: list[str]) -> tuple[int, str, str]:
@@ -84,7 +64,7 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return [r["loss"] for r in step_rows(out)]
 
 
 def descendants(pid: int) -> list[int]:
@@ -111,17 +91,8 @@ def kill_when(proc: subprocess.Popen, ready: Path, timeout: float = 240) -> None
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline, f"{ready} never appeared"
         time.sleep(0.05)
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    stop_all(proc)
     proc.wait()
-
-
-# The flags of the uninterrupted reference runs (conftest.reference), besides command()'s: diagnostics
-# every 2 steps change no weight, and make the 2-process run test_fsdp.py's DDP run too.
-REFERENCE_FLAGS = ("--attn-every", "2")
 
 
 @pytest.mark.slow
@@ -165,7 +136,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny, tmp_path, refere
     run ends bitwise equal to the uninterrupted one."""
     out = tmp_path / "run"
     cmd = command(tiny, out, script=patched(tmp_path, DIE_IN_SAVE, before_import=True))
-    killed = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "DIE_IN": save}, timeout=300)
+    killed = run(cmd, env={"DIE_IN": save})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     newest = sorted((out / "checkpoints").glob("step-??????"))[-1]
     qwen2.from_pretrained(newest)  # the newest checkpoint there loads, and it is the last whole one
@@ -288,7 +259,6 @@ def wait_for(condition, proc, what: str, timeout: float = 60) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, sig, to_rank", [(1, signal.SIGTERM, 0), (1, signal.SIGINT, 0), (2, signal.SIGTERM, 1)],
                          ids=["sigterm", "sigint", "torchrun-sigterm-to-rank1"])
-@pytest.mark.slow
 def test_signal_finishes_the_step_checkpoints_and_exits_zero(tiny, tmp_path, reference, nproc, sig, to_rank):
     """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) alike: the step in progress finishes,
     a checkpoint is written, exit 0, and the resumed run ends bitwise equal to the uninterrupted
@@ -354,12 +324,10 @@ focusft.focusft_step = step
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_non_finite_step_is_skipped_on_every_rank(tiny, tmp_path, nproc):
     out = tmp_path / "run"
-    env = {**ENV, "NAN_RANK": str(nproc - 1)}  # under DDP only rank 1 sees the NaN
-    result = subprocess.run(command(tiny, out, nproc=nproc, script=patched(tmp_path, NAN_ON_STEP_2)),
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = run(command(tiny, out, nproc=nproc, script=patched(tmp_path, NAN_ON_STEP_2)),
+                 env={"NAN_RANK": str(nproc - 1)})  # under DDP only rank 1 sees the NaN
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    skipped = [r for r in rows if "skipped" in r]
+    skipped = [r for r in step_rows(out) if "skipped" in r]
     assert [r["step"] for r in skipped] == [2]
     assert len(skipped[0]["samples"]) == 2 * nproc and all(":" in s for s in skipped[0]["samples"])
     assert "1 skipped non-finite step(s)" in result.stdout
@@ -393,10 +361,9 @@ def test_a_rank_that_raises_stops_the_others(tiny, tmp_path):
                "focusft.focusft_step = step\n")
     flag = tmp_path / "fail-now"
     flag.touch()
-    env = {**ENV, "FAIL_FLAG": str(flag)}
     start = time.time()
-    result = subprocess.run(command(tiny, tmp_path / "run", nproc=2, script=patched(tmp_path, raising)),
-                            capture_output=True, text=True, env=env, timeout=240)
+    result = run(command(tiny, tmp_path / "run", nproc=2, script=patched(tmp_path, raising)), timeout=240,
+                 env={"FAIL_FLAG": str(flag)})
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert time.time() - start < 200  # rank 0 did not hang in a collective
@@ -416,9 +383,7 @@ qwen2.save_weights = save
 @pytest.mark.slow
 def test_disk_full_keeps_previous_checkpoint_and_training_goes_on(tiny, tmp_path):
     out = tmp_path / "run"
-    env = {**ENV, "FULL_ON": "step-000004"}
-    result = subprocess.run(command(tiny, out, script=patched(tmp_path, DISK_FULL)), capture_output=True,
-                            text=True, env=env, timeout=300)
+    result = run(command(tiny, out, script=patched(tmp_path, DISK_FULL)), env={"FULL_ON": "step-000004"})
     assert result.returncode == 0, result.stderr
     assert "saving the checkpoint" in result.stderr and "No space left on device" in result.stderr
     assert "the previous checkpoint is kept" in result.stderr
@@ -429,9 +394,8 @@ def test_disk_full_keeps_previous_checkpoint_and_training_goes_on(tiny, tmp_path
 @pytest.mark.slow
 def test_disk_full_on_the_final_export_keeps_the_weights(tiny, tmp_path):
     out = tmp_path / "run"
-    env = {**ENV, "FULL_ON": "final"}
-    result = subprocess.run(command(tiny, out, "--ckpt-every", "0", script=patched(tmp_path, DISK_FULL)),
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = run(command(tiny, out, "--ckpt-every", "0", script=patched(tmp_path, DISK_FULL)),
+                 env={"FULL_ON": "final"})
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert "final failed (No space left on device); the trained weights are in" in last
