@@ -27,7 +27,7 @@ def fsdp_focusft(tiny, tmp_path_factory):
 def test_fsdp_trains_like_ddp(tiny, tmp_path, reference, fsdp_focusft, method):
     """2 gloo processes: FSDP2 (every layer sharded, the inner loop gathering them through FSDP's
     hooks, the fast weights per rank) ends where DDP ends, to fp32 rounding: every step's loss and gradient
-    norm, and the final weights. Only in a stable regime (test_resume.command's --alpha 16) does that prove
+    norm, and the final weights. Only in a stable regime (conftest.command's --alpha 16) does that prove
     anything: at the default scale alpha / rank = 16 the inner loop's SGD at lr 1.0 amplifies rounding ~100x
     per step, so DDP against itself with one ulp changed in one initial weight ends as far apart as FSDP
     against DDP (step 5's grad norm 35.6 vs 17.5), and no tolerance tells a bug from reduction order."""
