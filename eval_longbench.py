@@ -569,14 +569,6 @@ def score_dir(folder: str | Path, longbench_e: bool = False) -> dict[str, float 
 # The evaluation run
 
 
-def decode_prediction(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int]) -> str:
-    """pred.py's prediction: the new tokens up to the first EOS, special tokens dropped, NOT stripped
-    (eval.py cuts triviaqa/trec at the first line after leading newlines only, so spaces matter)."""
-    stop_ids = set(eos)
-    stop = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
-    return tokenizer.decode(ids[:stop], skip_special_tokens=True)
-
-
 def task_record(args: argparse.Namespace, task: str, setup: evaluation.Setup, source: DataSource) -> dict:
     """What a task's predictions depend on; a rerun reuses them only if all of it is the same."""
     return {"prompt": {"template": PROMPTS[task], "max_length": args.max_length,
@@ -637,7 +629,9 @@ def generate_task(args: argparse.Namespace, job: Job, engine: evaluation.Engine,
             idx = todo[start:start + chunk]
             new = engine.generate([job.prompts[i] for i in idx], job.setup.max_new_tokens, progress=bar)
             for i, ids in zip(idx, new, strict=True):
-                done[i] = decode_prediction(job.setup.tokenizer, ids, job.setup.eos)
+                # pred.py's prediction is not stripped: eval.py cuts triviaqa/trec at the first line after
+                # leading newlines only, so spaces matter
+                done[i] = job.setup.decode(ids, strip=False)
             evaluation.write_jsonl(rows_path, [{"i": i, "pred": p} for i, p in sorted(done.items())])
     return [done[i] for i in range(len(job.prompts))]
 

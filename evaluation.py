@@ -125,11 +125,13 @@ def eos_token_ids(directory: Path, tokenizer: tokenizers.Tokenizer) -> list[int]
     return sorted(ids)
 
 
-def decode(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int]) -> str:
-    """The text of generated ids up to the first EOS, special tokens dropped, stripped."""
+def decode(tokenizer: tokenizers.Tokenizer, ids: list[int], eos: list[int], strip: bool = True) -> str:
+    """The text of generated ids up to the first EOS, special tokens dropped, stripped unless strip=False
+    (LongBench keeps the spaces: its eval.py cuts some tasks' predictions at the first line)."""
     stop_ids = set(eos)
     stop = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
-    return tokenizer.decode(ids[:stop], skip_special_tokens=True).strip()
+    text = tokenizer.decode(ids[:stop], skip_special_tokens=True)
+    return text.strip() if strip else text
 
 
 def context_limit(config: qwen2.Qwen2Config) -> tuple[int, str]:
@@ -162,8 +164,8 @@ class Setup:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return decode(self.tokenizer, ids, self.eos)
+    def decode(self, ids: list[int], strip: bool = True) -> str:
+        return decode(self.tokenizer, ids, self.eos, strip)
 
     def generate_kwargs(self) -> dict:
         """The generation settings in transformers' `generate` vocabulary (greedy), for result files."""
