@@ -748,10 +748,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     domains = {d: metrics([r for r in records if r["domain"] == d], solutions) for d in {r["domain"] for r in records}}
     table = results_table(overall, domains, args.rollouts)
     results = {"settings": settings, "sandbox": sandbox_mode(), "overall": overall, "domains": domains}
-    evaluation.write_json(out / "results.json", results)
     header = (f"GPQA agentic (Open-AgentRL protocol) of {args.model}: {args.rollouts} rollouts per problem, "
               f"temperature {args.temperature}, top-p {args.top_p}; pass@1 is the mean over all rollouts")
-    evaluation.atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
+    evaluation.save_results(out, header, table, results, echo=False)
     print(f"\n{header}\n\n{table}\n\nsaved {out / 'results.md'}, {out / 'results.json'} and {rollouts_path}")
     return results
 

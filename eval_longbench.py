@@ -683,8 +683,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float | dict]:
     header = (f"{'LongBench-E' if args.longbench_e else 'LongBench'} scores of {args.model} (x 100; the average "
               f"is over the tasks)\n\nprompt budget {args.max_length} tokens, middle truncation; chat template "
               f"{chat}; greedy; data {json.dumps(source.describe())}")
-    (out / "results.md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
-    evaluation.write_json(out / "result.json", scores, indent=4)
+    evaluation.save_results(out, header, table, scores, json_name="result.json", indent=4, echo=False)
     print(f"\n{table}\n\nsaved {out / 'result.json'} and {out / 'results.md'}")
     return scores
 

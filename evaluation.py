@@ -728,11 +728,14 @@ def is_finished(result_path: Path, meta_path: Path, record: dict,
     return isinstance(saved, dict) and all(saved.get(k) == record[k] for k in keys)
 
 
-def save_results(out: Path, header: str, table: str, results: dict) -> None:
-    """results.md (the header, then the markdown table) and results.json in `out`; the table is printed."""
+def save_results(out: Path, header: str, table: str, results: dict, json_name: str = "results.json",
+                 indent: int = 2, echo: bool = True) -> None:
+    """results.md (the header, then the markdown table) and `json_name` in `out` (LongBench's is result.json
+    with indent 4); with echo, the table is printed and where it went (echo=False: the caller says it)."""
     atomic_write(out / "results.md", lambda f: f.write(f"{header}\n\n{table}\n"))
-    write_json(out / "results.json", results)
-    print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / 'results.json'}")
+    write_json(out / json_name, results, indent)
+    if echo:
+        print(f"\n{table}\n\nsaved {out / 'results.md'} and {out / json_name}")
 
 
 def percent(value: float | None) -> str:
