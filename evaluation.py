@@ -504,11 +504,10 @@ def make_engine(args: argparse.Namespace, setup: Setup) -> Engine:
     return LocalEngine(args.model, setup, args.batch_size, args.dtype, args.device, args.prefill_chunk)
 
 
-def generate_texts(engine: Engine, setup: Setup, prompts: list[list[int]], desc: str,
-                   max_new_tokens: int | None = None) -> list[str]:
+def generate_texts(engine: Engine, setup: Setup, prompts: list[list[int]], desc: str) -> list[str]:
     """Decoded outputs of every prompt, with a progress bar."""
     with tqdm(total=len(prompts), desc=desc, unit="sample", leave=False) as bar:
-        new = engine.generate(prompts, max_new_tokens or setup.max_new_tokens, progress=bar)
+        new = engine.generate(prompts, setup.max_new_tokens, progress=bar)
     return [setup.decode(ids) for ids in new]
 
 
