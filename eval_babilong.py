@@ -291,6 +291,10 @@ class DataSource:
     def describe(self) -> dict:
         raise NotImplementedError
 
+    def files(self, task: str, length: str) -> list[str]:
+        """The data files (task, length)'s samples come from, recorded with the predictions; none when built."""
+        return []
+
 
 class FileData(DataSource):
     """Data files in the hub's layout, listed in `paths` (relative posix paths)."""
@@ -538,9 +542,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                 for s, o in zip(samples, outputs, strict=True)]
         write_predictions(csv_path, rows)
         counts[task, length] = c, n = score(task, rows)
-        files = source.files(task, length) if isinstance(source, FileData) else []
-        evaluation.write_json(json_path, {**record, "files": files, "model": str(args.model), **engine.describe(),
-                                          "samples": n, "accuracy": c / n}, indent=4)
+        evaluation.write_json(json_path, {**record, "files": source.files(task, length), "model": str(args.model),
+                                          **engine.describe(), "samples": n, "accuracy": c / n}, indent=4)
         print(f"{task} {length}: accuracy {c / n:.3f} ({c}/{n}) -> {csv_path}")
     return write_results(args, setup, counts, data_record)
 
