@@ -518,7 +518,8 @@ def load_samples(args: argparse.Namespace, source: DataSource, setup: Setup, tas
     if not samples:
         raise EvalError(f"{task} {length}: the data has no samples")
     ids = encode_prompts(setup, prompt, samples)
-    evaluation.check_overflow(f"{task} {length}", ids, setup, args.overflow, f"leave out --lengths {length}")
+    evaluation.check_overflow(f"{task} {length}", [len(p) for p in ids], setup, args.overflow,
+                              f"leave out --lengths {length}")
     return samples, ids
 
 

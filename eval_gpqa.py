@@ -685,12 +685,10 @@ def evaluate(args: argparse.Namespace) -> dict:
                     args.max_prompt_tokens + args.max_response_tokens)
     limit, what = evaluation.context_limit(setup.config)
     if limits.context > limit:
-        over = (f"a rollout may reach {limits.context} tokens (--max-prompt-tokens {args.max_prompt_tokens} + "
-                f"--max-response-tokens {args.max_response_tokens}), more than the model's {what} {limit}")
-        if args.overflow == "error":
-            raise evaluation.EvalError(f"{over}; pass --overflow run to generate past the trained positions "
-                                       f"anyway, or lower --max-response-tokens")
-        print(f"warning: {over}; generating anyway (--overflow run)")
+        evaluation.handle_overflow(f"a rollout may reach {limits.context} tokens (--max-prompt-tokens "
+                                   f"{args.max_prompt_tokens} + --max-response-tokens {args.max_response_tokens}), "
+                                   f"more than the model's {what} {limit}", args.overflow,
+                                   "lower --max-response-tokens")
     prompts = setup.encode([data.render_chat(prompt_messages(p.problem, p.domain), [CODE_TOOL], True)
                             for p in problems], add_special_tokens=False)
     long = [i for i, ids in enumerate(prompts) if len(ids) > limits.max_prompt_tokens]

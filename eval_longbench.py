@@ -602,7 +602,7 @@ def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source
         raise EvalError(f"{source.where}: {task} has no samples")
     texts = model_inputs(task, samples, setup.tokenizer, args.max_length, record["prompt"]["chat_template"])
     prompts = setup.encode(texts)  # as pred.py: tokenizer(prompt), also for the chat-wrapped text
-    evaluation.check_overflow(task, prompts, setup, args.overflow,
+    evaluation.check_overflow(task, [len(p) for p in prompts], setup, args.overflow,
                               f"lower --max-length (now {args.max_length})")
     return Job(task, setup, samples, prompts, record)
 

@@ -670,10 +670,9 @@ def evaluate_one(args, setup, engine, task: str, length: str, record: dict, pred
     chat = any(data.IM_START in t for t in texts)  # a rendered chat prompt holds its own special tokens
     task_setup = dataclasses.replace(setup, max_new_tokens=gen)
     # Every prompt must fit before anything is generated. Files may hold anything, so they are counted;
-    # generated samples know their length. (check_overflow reads only len() of each prompt.)
+    # generated samples know their length.
     sizes = count_tokens(setup.tokenizer, texts) if args.data_dir else [s["length"] - gen for s in samples]
-    evaluation.check_overflow(f"{task} {length}", [range(n) for n in sizes], task_setup, args.overflow,
-                              f"leave out --lengths {length}")
+    evaluation.check_overflow(f"{task} {length}", sizes, task_setup, args.overflow, f"leave out --lengths {length}")
 
     rows_path, rows_meta = partial_paths(pred_path)
     done: dict[int, dict] = {}

@@ -4,7 +4,8 @@ eval_babilong.py, eval_ruler.py, eval_longbench.py and eval_gpqa.py are built on
 
 - the model side: `load_setup(model, max_new_tokens)` -> `Setup` (model directory, tokenizer, config, EOS
   ids; `encode`, `count_tokens`, `decode`), `context_limit`, and `check_overflow`, which stops with one
-  line before any generation when prompts do not fit the model's context;
+  line before any generation when prompts do not fit the model's context (`handle_overflow`: the same
+  stop-or-warn for any other input that may not fit);
 - engines: `make_engine(args, setup)` -> an `Engine`, whose `generate(prompts, max_new_tokens, progress,
   sampling)` turns token-id prompts into generated token ids (list in, list out, in order; each output
   ends with its EOS id when generation stopped there). `LocalEngine` is the built-in qwen2.py model
@@ -38,7 +39,7 @@ A new benchmark, in full (data, prompt and scoring are the benchmark's own):
         setup = evaluation.load_setup(args.model, max_new_tokens=32, weights=not args.server)
         samples = [{"question": "2+2?", "answer": "4"}]                 # the benchmark's data
         prompts = setup.encode([f"Q: {s['question']}\\nA:" for s in samples])
-        evaluation.check_overflow("arith", prompts, setup, args.overflow, "use shorter inputs")
+        evaluation.check_overflow("arith", [len(p) for p in prompts], setup, args.overflow, "use shorter inputs")
         engine = evaluation.make_engine(args, setup)
         outputs = evaluation.generate_texts(engine, setup, prompts, desc="arith")
         rows = [{**s, "output": o, "correct": o.startswith(s["answer"])} for s, o in zip(samples, outputs)]
@@ -182,15 +183,21 @@ def load_setup(model: str | os.PathLike, max_new_tokens: int, weights: bool = Tr
     return Setup(directory, tokenizer, config, eos_token_ids(directory, tokenizer), max_new_tokens)
 
 
-def check_overflow(where: str, prompts: list[list[int]], setup: Setup, policy: str, remedy: str) -> None:
-    """Prompts plus the new tokens must fit the model's context: stop (policy 'error') or warn ('run').
-    `where` names the prompts ('qa1 4k'), `remedy` says how to leave them out ('leave out --lengths 4k')."""
+def check_overflow(where: str, lengths: list[int], setup: Setup, policy: str, remedy: str) -> None:
+    """Prompts (their `lengths` in tokens) plus the new tokens must fit the model's context: stop (policy
+    'error') or warn ('run'). `where` names the prompts ('qa1 4k'), `remedy` says how to leave them out
+    ('leave out --lengths 4k')."""
     limit, what_limit = context_limit(setup.config)
-    over = [len(p) for p in prompts if len(p) + setup.max_new_tokens > limit]
-    if not over:
-        return
-    what = (f"{where}: {len(over)} of {len(prompts)} prompts do not fit the model's context "
-            f"(longest {max(over)} prompt tokens + {setup.max_new_tokens} new > {what_limit} {limit})")
+    over = [n for n in lengths if n + setup.max_new_tokens > limit]
+    if over:
+        handle_overflow(f"{where}: {len(over)} of {len(lengths)} prompts do not fit the model's context (longest "
+                        f"{max(over)} prompt tokens + {setup.max_new_tokens} new > {what_limit} {limit})",
+                        policy, remedy)
+
+
+def handle_overflow(what: str, policy: str, remedy: str) -> None:
+    """--overflow `policy` when inputs do not fit the model's context (`what` says which and by how much):
+    'error' stops with one line offering --overflow run or `remedy`, 'run' warns and goes on."""
     if policy == "error":
         raise EvalError(f"{what}; pass --overflow run to generate past the trained positions anyway, or "
                         f"{remedy}")
