@@ -42,7 +42,6 @@ from pathlib import Path, PurePosixPath
 import huggingface_hub
 import numpy as np
 import tokenizers
-from tqdm import tqdm
 
 import data
 import evaluation
@@ -616,24 +615,14 @@ def partial_paths(out: Path, task: str) -> tuple[Path, Path]:
 def generate_task(args: argparse.Namespace, job: Job, engine: evaluation.Engine, out: Path) -> list[str]:
     """The predictions of a task, in sample order. Prompts go longest first, a chunk of 4 x --batch-size at
     a time; after each chunk the predictions so far are saved, so a killed run resumes inside the task."""
-    rows_path, rows_meta = partial_paths(out, job.task)
-    done: dict[int, str] = {}
-    if evaluation.is_finished(rows_path, rows_meta, job.record, RESUME_KEYS):
-        done = {r["i"]: r["pred"] for r in evaluation.read_jsonl(rows_path)}
-        print(f"{job.task}: resuming after {len(done)} of {len(job.prompts)} samples")
-    evaluation.write_json(rows_meta, job.record)
-    todo = sorted((i for i in range(len(job.prompts)) if i not in done), key=lambda i: -len(job.prompts[i]))
-    chunk = 4 * args.batch_size
-    with tqdm(total=len(job.prompts), initial=len(done), desc=job.task, unit="sample", leave=False) as bar:
-        for start in range(0, len(todo), chunk):
-            idx = todo[start:start + chunk]
-            new = engine.generate([job.prompts[i] for i in idx], job.setup.max_new_tokens, progress=bar)
-            for i, ids in zip(idx, new, strict=True):
-                # pred.py's prediction is not stripped: eval.py cuts triviaqa/trec at the first line after
-                # leading newlines only, so spaces matter
-                done[i] = job.setup.decode(ids, strip=False)
-            evaluation.write_jsonl(rows_path, [{"i": i, "pred": p} for i, p in sorted(done.items())])
-    return [done[i] for i in range(len(job.prompts))]
+    longest_first = sorted(range(len(job.prompts)), key=lambda i: -len(job.prompts[i]))
+    return evaluation.generate_resumable(
+        engine, encode=lambda idx: [job.prompts[i] for i in idx], order=longest_first,
+        max_new_tokens=job.setup.max_new_tokens, batch_size=args.batch_size, partial=partial_paths(out, job.task),
+        record=job.record, desc=job.task, field="pred",
+        # pred.py's prediction is not stripped: eval.py cuts triviaqa/trec at the first line after leading
+        # newlines only, so spaces matter
+        result=lambda i, prompt, ids: job.setup.decode(ids, strip=False))
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, float | dict]:

@@ -40,7 +40,6 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import tokenizers
-from tqdm import tqdm
 
 import data
 import evaluation
@@ -674,28 +673,15 @@ def evaluate_one(args, setup, engine, task: str, length: str, record: dict, pred
     sizes = count_tokens(setup.tokenizer, texts) if args.data_dir else [s["length"] - gen for s in samples]
     evaluation.check_overflow(f"{task} {length}", sizes, task_setup, args.overflow, f"leave out --lengths {length}")
 
-    rows_path, rows_meta = partial_paths(pred_path)
-    done: dict[int, dict] = {}
-    if evaluation.is_finished(rows_path, rows_meta, record):
-        done = {r["i"]: r["row"] for r in evaluation.read_jsonl(rows_path)}
-        print(f"{task} {length}: resuming after {len(done)} of {len(samples)} samples")
-    pred_path.parent.mkdir(parents=True, exist_ok=True)
-    evaluation.write_json(rows_meta, record)
-    todo = [i for i in range(len(samples)) if i not in done]
-    chunk = 4 * args.batch_size
-    with tqdm(total=len(samples), initial=len(done), desc=f"{task} {length}", unit="sample",
-                         leave=False) as bar:
-        for start in range(0, len(todo), chunk):
-            idx = todo[start:start + chunk]
-            prompts = setup.encode([texts[i] for i in idx], add_special_tokens=not chat)
-            new = engine.generate(prompts, gen, progress=bar)
-            for i, prompt, ids in zip(idx, prompts, new, strict=True):
-                s = samples[i]
-                done[i] = {"index": s.get("index", i), "pred": postprocess(setup.decode(ids)), "input": "",
-                           "outputs": s["outputs"], "others": {}, "truncation": -1,
-                           "length": s.get("length", len(prompt) + gen)}
-            evaluation.write_jsonl(rows_path, [{"i": i, "row": row} for i, row in sorted(done.items())])
-    return [done[i] for i in range(len(samples))]
+    def row(i: int, prompt: list[int], ids: list[int]) -> dict:
+        s = samples[i]
+        return {"index": s.get("index", i), "pred": postprocess(setup.decode(ids)), "input": "",
+                "outputs": s["outputs"], "others": {}, "truncation": -1, "length": s.get("length", len(prompt) + gen)}
+
+    return evaluation.generate_resumable(
+        engine, encode=lambda idx: setup.encode([texts[i] for i in idx], add_special_tokens=not chat),
+        order=list(range(len(samples))), max_new_tokens=gen, batch_size=args.batch_size,
+        partial=partial_paths(pred_path), record=record, desc=f"{task} {length}", field="row", result=row)
 
 
 def evaluate(args: argparse.Namespace) -> dict:

@@ -16,7 +16,8 @@ eval_babilong.py, eval_ruler.py, eval_longbench.py and eval_gpqa.py are built on
   (temperature, top_p, seed) defaults to greedy. Multi-turn callers use `engine.conversations(sampling)`:
   a batch of conversations extended turn by turn (the built-in model keeps each one's KV cache between
   turns; a server gets each turn's whole conversation as the next prompt, which vLLM's prefix cache
-  keeps cheap);
+  keeps cheap). `generate_texts` decodes the outputs of a list of prompts; `generate_resumable` saves
+  results a chunk at a time, so a killed run resumes inside a task;
 - the command line: `add_common_args(parser)` adds --model, --out, --batch-size, --dtype, --device,
   --prefill-chunk, --overflow, --server and --server-model; `check_common_args(args)` checks them, naming
   the flag;
@@ -516,6 +517,36 @@ def generate_texts(engine: Engine, setup: Setup, prompts: list[list[int]], desc:
     with tqdm(total=len(prompts), desc=desc, unit="sample", leave=False) as bar:
         new = engine.generate(prompts, setup.max_new_tokens, progress=bar)
     return [setup.decode(ids) for ids in new]
+
+
+def generate_resumable(engine: Engine, *, encode: Callable[[list[int]], list[list[int]]], order: list[int],
+                       max_new_tokens: int, batch_size: int, partial: tuple[Path, Path], record: dict,
+                       desc: str, field: str, result: Callable[[int, list[int], list[int]], T]) -> list[T]:
+    """`result(i, prompt, new_ids)` of every prompt i, in index order, with a progress bar `desc`.
+
+    `order` (a permutation of range(n)) is the order of generation; `encode(indices)` builds those prompts,
+    4 x batch_size at a time. After each chunk, partial = (rows file, meta file) gets the results so far as
+    JSON lines {"i": i, field: result} and `record`, the settings they were made with: a killed run resumes
+    after them when every value of its record is the same. The caller deletes both files once its final
+    files are written."""
+    rows_path, meta_path = partial
+    done: dict[int, T] = {}
+    if is_finished(rows_path, meta_path, record, tuple(record)):
+        done = {r["i"]: r[field] for r in read_jsonl(rows_path)}
+        print(f"{desc}: resuming after {len(done)} of {len(order)} samples")
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(meta_path, record)
+    todo = [i for i in order if i not in done]
+    chunk = 4 * batch_size
+    with tqdm(total=len(order), initial=len(done), desc=desc, unit="sample", leave=False) as bar:
+        for start in range(0, len(todo), chunk):
+            idx = todo[start:start + chunk]
+            prompts = encode(idx)
+            new = engine.generate(prompts, max_new_tokens, progress=bar)
+            for i, prompt, ids in zip(idx, prompts, new, strict=True):
+                done[i] = result(i, prompt, ids)
+            write_jsonl(rows_path, [{"i": i, field: r} for i, r in sorted(done.items())])
+    return [done[i] for i in range(len(order))]
 
 
 def benchmark_batching(engine: LocalEngine, prompts: list[list[int]], what: str, rounds: int = 3) -> dict:
