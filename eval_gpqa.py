@@ -645,20 +645,23 @@ def results_table(overall: dict, domains: dict[str, dict], n: int) -> str:
 # The run: rollouts appended to rollouts.jsonl as they finish (a rerun skips them), then the tables
 
 
-def read_rollouts(path: Path) -> list[dict]:
-    """Finished rollouts of an earlier run; a last line cut short by a kill is dropped (it is redone)."""
+def read_rollouts(path: Path) -> tuple[list[dict], bool]:
+    """Finished rollouts of an earlier run, and whether the file ends with a newline (False: a kill cut the
+    last line, and appending needs it rewritten); a last line cut short is dropped (it is redone)."""
     if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        return [], True
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": the file's own line ends, untranslated
+        text = f.read()
+    lines = text.splitlines(keepends=True)
     records = []
     for n, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if n == len(lines) and not line.endswith("\n"):
+            if n == len(lines) and not line.endswith(("\n", "\r")):  # "\r": an editor's line end, not a cut
                 break
             raise evaluation.EvalError(f"{path}:{n}: not valid JSON; move the file away to start again") from None
-    return records
+    return records, text.endswith("\n")
 
 
 def rollout_record(r: Rollout, p: Problem, scored: dict) -> dict:
@@ -710,8 +713,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                        f"use another --out or the same flags")
     out.mkdir(parents=True, exist_ok=True)
     evaluation.write_json(run_path, settings)
-    finished = read_rollouts(rollouts_path)
-    if rollouts_path.is_file() and not rollouts_path.read_bytes().endswith(b"\n"):  # a kill cut the last line
+    finished, whole = read_rollouts(rollouts_path)
+    if not whole:
         evaluation.write_jsonl(rollouts_path, finished)
     done = {(r["id"], r["rollout"]) for r in finished}
     todo = [(i, k) for i, p in enumerate(problems) for k in range(args.rollouts) if (p.id, k) not in done]
@@ -740,7 +743,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                 f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
 
     ids = {p.id for p in problems}
-    records = [r for r in read_rollouts(rollouts_path) if r["id"] in ids and r["rollout"] < args.rollouts]
+    records = [r for r in read_rollouts(rollouts_path)[0] if r["id"] in ids and r["rollout"] < args.rollouts]
     solutions = {p.id: p.solution for p in problems}
     overall = metrics(records, solutions)
     domains = {d: metrics([r for r in records if r["domain"] == d], solutions) for d in {r["domain"] for r in records}}
