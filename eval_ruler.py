@@ -651,12 +651,12 @@ def partial_paths(pred_path: Path) -> tuple[Path, Path]:
 
 
 def evaluate_one(args, setup, engine, task: str, length: str, record: dict, pred_path: Path) -> list[dict]:
-    """The prediction rows (RULER's pred jsonl fields) of one task at one length, in sample order.
+    """The prediction rows (RULER's pred jsonl fields) of one task at one length, in sample order; `setup`
+    has the task's max_new_tokens.
 
     Samples are generated (or read) whole, then prompts are encoded and generated a chunk at a time;
     after each chunk the rows so far are saved, so a killed run resumes inside a (task, length)."""
-    max_seq_length = length_tokens(length)
-    gen = TOKENS_TO_GENERATE[TASKS[task][0]]
+    max_seq_length, gen = length_tokens(length), setup.max_new_tokens
     if args.data_dir:
         samples = read_data(Path(args.data_dir), task, max_seq_length)
     else:
@@ -664,11 +664,10 @@ def evaluate_one(args, setup, engine, task: str, length: str, record: dict, pred
                                    args.chat_template, args.essays)
     texts = [s["input"] + s.get("answer_prefix", "") for s in samples]
     chat = any(data.IM_START in t for t in texts)  # a rendered chat prompt holds its own special tokens
-    task_setup = dataclasses.replace(setup, max_new_tokens=gen)
     # Every prompt must fit before anything is generated. Files may hold anything, so they are counted;
     # generated samples know their length.
     sizes = count_tokens(setup.tokenizer, texts) if args.data_dir else [s["length"] - gen for s in samples]
-    evaluation.check_overflow(f"{task} {length}", sizes, task_setup, args.overflow, f"leave out --lengths {length}")
+    evaluation.check_overflow(f"{task} {length}", sizes, setup, args.overflow, f"leave out --lengths {length}")
 
     def row(i: int, prompt: list[int], ids: list[int]) -> dict:
         s = samples[i]
@@ -692,15 +691,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     for length in sorted(args.lengths, key=length_tokens):
         for task in args.tasks:
             pred_path, meta_path = pred_paths(out, task, length_tokens(length))
-            gen = TOKENS_TO_GENERATE[TASKS[task][0]]
+            task_setup = dataclasses.replace(setup, max_new_tokens=TOKENS_TO_GENERATE[TASKS[task][0]])
             record = {"prompt": {"chat_template": args.chat_template, "answer_prefix": True},
-                      "generate_kwargs": dataclasses.replace(setup, max_new_tokens=gen).generate_kwargs(),
+                      "generate_kwargs": task_setup.generate_kwargs(),
                       "data": data_record(args, task, length_tokens(length))}
             if evaluation.is_finished(pred_path, meta_path, record):
                 scores[task, length] = json.loads(meta_path.read_text())["score"]
                 print(f"{task} {length}: {scores[task, length]:.2f} (done before) <- {pred_path}")
                 continue
-            rows = evaluate_one(args, setup, engine, task, length, record, pred_path)
+            rows = evaluate_one(args, task_setup, engine, task, length, record, pred_path)
             score = string_match_all([r["pred"] for r in rows], [r["outputs"] for r in rows])
             evaluation.write_jsonl(pred_path, rows)
             evaluation.write_json(meta_path, {**record, **engine.describe(), "samples": len(rows),
