@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import data
 import evaluation
@@ -694,12 +695,12 @@ def evaluate(args: argparse.Namespace) -> dict:
                                    "lower --max-response-tokens")
     prompts = setup.encode([data.render_chat(prompt_messages(p.problem, p.domain), [CODE_TOOL], True)
                             for p in problems], add_special_tokens=False)
-    long = [i for i, ids in enumerate(prompts) if len(ids) > limits.max_prompt_tokens]
+    long = {i for i, ids in enumerate(prompts) if len(ids) > limits.max_prompt_tokens}
     if long:  # verl's filter_overlong_prompts: these problems are not evaluated
         print(f"warning: {len(long)} of {len(problems)} prompts exceed --max-prompt-tokens "
               f"{limits.max_prompt_tokens} and are left out, as Open-AgentRL filters them")
-        problems = [p for i, p in enumerate(problems) if i not in set(long)]
-        prompts = [ids for i, ids in enumerate(prompts) if i not in set(long)]
+        problems = [p for i, p in enumerate(problems) if i not in long]
+        prompts = [ids for i, ids in enumerate(prompts) if i not in long]
 
     out = Path(args.out)
     engine = evaluation.make_engine(args, setup)
@@ -721,8 +722,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     pool = SandboxPool(args.tool_workers, args.tool_timeout, args.tool_memory_mb)
     print(f"{len(problems)} problems x {args.rollouts} rollouts: {len(todo)} to run ({len(done)} done before); "
           f"sandbox: {sandbox_mode()}, {pool.workers or default_workers(args.tool_memory_mb)} workers")
-
-    from tqdm import tqdm
 
     with tqdm(total=len(todo), desc="rollouts", unit="rollout", leave=False) as bar:
         for start in range(0, len(todo), args.batch_size):
