@@ -22,6 +22,18 @@ def real_tokenizer_dir(*needed: str) -> Path | None:
     return path if all((path / name).is_file() for name in ("tokenizer.json", *needed)) else None
 
 
+def cli_error(main, argv: list) -> str:
+    """A script's main(argv) run in this process: the one error line it exits with ('' on success). An
+    exit with a number (argparse's usage error, status 2) is not such a line, so it propagates."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            return e.code
+        raise
+    return ""
+
+
 def in_ci() -> bool:
     """CI services set CI=true (.ci/run does too)."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -44,6 +56,14 @@ def require_real_tokenizer(*needed: str) -> Path:
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     return require_real_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_dir):
+    """The real Qwen2.5 tokenizer (tokenizer.json only), as the evaluators load it."""
+    import data
+
+    return data.load_tokenizer(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

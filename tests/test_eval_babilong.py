@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import ROOT, cli_error
 
 import data
 import eval_babilong as ev
 import evaluation
 import qwen2
 
-ROOT = Path(__file__).resolve().parent.parent
 PLAIN = "instruction_yes_examples_yes_post_prompt_yes_chat_template_no_system_prompt_no"
 
 
@@ -55,14 +55,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def run_cli(argv: list[str]) -> str:
-    """Run the CLI in-process; return the error line it exits with ('' on success)."""
-    try:
-        ev.main([str(a) for a in argv])
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            return e.code
-        raise
-    return ""
+    return cli_error(ev.main, argv)
 
 
 def expect_error(argv: list[str], *fragments: str) -> str:

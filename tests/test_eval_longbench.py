@@ -135,25 +135,20 @@ def test_truncate_middle():
         lb.truncate_middle(ids, 1)
 
 
-@pytest.fixture(scope="module")
-def qwen_tok(qwen_tokenizer_dir):
-    return data.load_tokenizer(qwen_tokenizer_dir)
-
-
 def long_sample(n_words: int = 3000) -> dict:
     return {"context": " ".join(f"fact{i} is {i % 7}." for i in range(n_words)), "input": "What is fact5?"}
 
 
-def test_truncation_with_the_qwen_tokenizer(qwen_tok):
+def test_truncation_with_the_qwen_tokenizer(qwen_tokenizer):
     sample = long_sample()
     prompt = lb.build_prompt("hotpotqa", sample)
-    full = qwen_tok.encode(prompt).ids
+    full = qwen_tokenizer.encode(prompt).ids
     assert len(full) > 4 * 500
-    text = lb.model_inputs("hotpotqa", [sample], qwen_tok, 500, chat_template=False)[0]
-    ids = qwen_tok.encode(text).ids
+    text = lb.model_inputs("hotpotqa", [sample], qwen_tokenizer, 500, chat_template=False)[0]
+    ids = qwen_tokenizer.encode(text).ids
     # exactly pred.py's: the first and last 250 tokens, decoded apart and joined (501 keeps 250 + 250 too)
-    assert text == qwen_tok.decode(full[:250], skip_special_tokens=True) + qwen_tok.decode(full[-250:])
-    assert lb.model_inputs("hotpotqa", [sample], qwen_tok, 501, chat_template=False) == [text]
+    assert text == qwen_tokenizer.decode(full[:250], skip_special_tokens=True) + qwen_tokenizer.decode(full[-250:])
+    assert lb.model_inputs("hotpotqa", [sample], qwen_tokenizer, 501, chat_template=False) == [text]
     assert abs(len(ids) - 500) <= 2                                  # re-encoding may merge at the seam
     assert ids[:240] == full[:240] and ids[-240:] == full[-240:]     # head and tail kept
     assert text.startswith("Answer the question based on the given passages.")
@@ -161,21 +156,21 @@ def test_truncation_with_the_qwen_tokenizer(qwen_tok):
     assert "fact1000 " not in text                                   # the middle is gone
     short = {"context": "fact1 is 1.", "input": "What is fact1?"}
     # a batch: only the prompts over the budget change
-    both = lb.model_inputs("hotpotqa", [short, sample], qwen_tok, 500, False)
+    both = lb.model_inputs("hotpotqa", [short, sample], qwen_tokenizer, 500, False)
     assert both == [lb.build_prompt("hotpotqa", short), text]
 
 
-def test_chat_wrapping_comes_after_truncation(qwen_tok):
+def test_chat_wrapping_comes_after_truncation(qwen_tokenizer):
     sample = long_sample()
-    plain = lb.model_inputs("hotpotqa", [sample], qwen_tok, 500, chat_template=False)[0]
-    chat = lb.model_inputs("hotpotqa", [sample], qwen_tok, 500, chat_template=True)[0]
+    plain = lb.model_inputs("hotpotqa", [sample], qwen_tokenizer, 500, chat_template=False)[0]
+    chat = lb.model_inputs("hotpotqa", [sample], qwen_tokenizer, 500, chat_template=True)[0]
     assert chat == data.render_chat([{"role": "user", "content": plain}], add_generation_prompt=True)
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
     # the chat tokens come on top of the budget: nothing of the truncated prompt is lost to them
-    assert len(qwen_tok.encode(chat).ids) > len(qwen_tok.encode(plain).ids) + 10
+    assert len(qwen_tokenizer.encode(chat).ids) > len(qwen_tokenizer.encode(plain).ids) + 10
     # few-shot tasks are never wrapped (pred.py)
     trivia = {"context": "Q: a? A: b", "input": "Q: c? A:"}
-    assert lb.model_inputs("triviaqa", [trivia], qwen_tok, 500, True) == [lb.build_prompt("triviaqa", trivia)]
+    assert lb.model_inputs("triviaqa", [trivia], qwen_tokenizer, 500, True) == [lb.build_prompt("triviaqa", trivia)]
 
 
 # ----------------------------------------------------------------------------------------------

