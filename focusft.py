@@ -540,7 +540,8 @@ def load_inputs(args: argparse.Namespace, ckpt: Path | None, dtype: torch.dtype,
     except (qwen2.CheckpointError, data.DataError) as e:
         fail(str(e))  # a DataError with one problem reads as that one line
     try:
-        samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples)
+        samples, stats = data.load_samples(args.data, tokenizer, args.max_len, skip_bad=args.skip_bad_samples,
+                                           default_system=data.default_system(model_dir))
         # FSDP keeps fp32 master weights and computes in --dtype; DDP computes in the weights' dtype.
         model = qwen2.from_pretrained(ckpt or model_dir, dtype=torch.float32 if args.fsdp else dtype,
                                       device=procs.device)
