@@ -130,6 +130,10 @@ def byte_chars() -> dict[int, str]:
     return table
 
 
+# llama.cpp's rule for tokenizer.ggml.pre == "smollm" (llama-vocab.cpp): each digit alone, then GPT-2's regex.
+SMOLLM_RULE = (r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)")
+
+
 class ReferenceTokenizer:
     """Plain-Python BPE: cut at control tokens, split by each regex in turn (matches and the gaps between
     them are pieces), map bytes to characters, merge the lowest-ranked pair until none is left."""
@@ -142,7 +146,8 @@ class ReferenceTokenizer:
         self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(meta["tokenizer.ggml.merges"])}
         specials = sorted((t for t, ty in zip(tokens, types, strict=True) if ty in (3, 4)), key=len, reverse=True)
         self.specials = regex.compile("|".join(regex.escape(t) for t in specials))
-        self.regexes = [regex.compile(r) for r in convert_gguf.PRE_TOKENIZERS[meta["tokenizer.ggml.pre"]]]
+        assert meta["tokenizer.ggml.pre"] == "smollm"
+        self.regexes = [regex.compile(r) for r in SMOLLM_RULE]
         self.bytes = byte_chars()
 
     def pieces(self, text: str) -> list[str]:
