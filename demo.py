@@ -36,6 +36,7 @@ import eval_babilong
 import evaluation
 import focusft
 import qwen2
+import synthetic
 
 ROOT = Path(__file__).resolve().parent
 PROG = "demo.py"
@@ -99,11 +100,11 @@ def prepare_out(out: Path, settings: dict) -> str:
 def build_inputs(out: Path, size: Size, seed: int, n_samples: int) -> dict:
     rng = random.Random(f"demo-tokenizer/{seed}")
     texts = [data.render_chat(r["messages"], r["tools"]) for r in
-             (data.synthetic_conversation(rng, size.tokens, data.estimate_tokens) for _ in range(64))]
+             (synthetic.synthetic_conversation(rng, size.tokens, synthetic.estimate_tokens) for _ in range(64))]
     for task in eval_babilong.SYNTHETIC_TASKS:
         prompt = eval_babilong.default_prompt(task, chat_template=True)
         texts += [prompt.instruction, prompt.examples, prompt.post_prompt]
-    tokenizer = data.train_tokenizer(texts, vocab_size=size.vocab)
+    tokenizer = synthetic.train_tokenizer(texts, vocab_size=size.vocab)
     config = qwen2.Qwen2Config(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
@@ -111,10 +112,10 @@ def build_inputs(out: Path, size: Size, seed: int, n_samples: int) -> dict:
         eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
     model = qwen2.random_model(config, seed=seed)
     model.save_pretrained(out / "model")
-    data.save_tokenizer_files(tokenizer, out / "model")
+    synthetic.save_tokenizer_files(tokenizer, out / "model")
     # Sample lengths counted with the tiny tokenizer itself, so "1024 tokens" is what the model sees.
-    data.write_synthetic(out / "train.jsonl", n_samples, size.tokens, seed,
-                         count_tokens=lambda text: len(tokenizer.encode(text).ids))
+    synthetic.write_synthetic(out / "train.jsonl", n_samples, size.tokens, seed,
+                              count_tokens=lambda text: len(tokenizer.encode(text).ids))
     return {"model": out / "model", "data": out / "train.jsonl", "vocab": tokenizer.get_vocab_size(),
             "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -41,6 +41,7 @@ import huggingface_hub
 
 import data
 import evaluation
+import synthetic
 from evaluation import EvalError, Setup
 
 PROG = "eval_babilong.py"
@@ -72,7 +73,7 @@ TASKS = tuple(TASK_LABELS)
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
 DEFAULT_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 DEFAULT_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
-SYNTHETIC_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")  # the worlds data.babi_story builds
+SYNTHETIC_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")  # the worlds synthetic.babi_story builds
 MAX_NEW_TOKENS = 20
 
 
@@ -383,7 +384,7 @@ class HubData(FileData):
 
 
 class SyntheticData(DataSource):
-    """Seeded qa1-qa5 samples built from data.py's bAbI-style worlds: the story's facts, kept in order,
+    """Seeded qa1-qa5 samples built from synthetic.py's bAbI-style worlds: the story's facts, kept in order,
     hidden in filler text until the context holds about `length` tokens of the model's tokenizer
     ('4k' -> 4096). Sample i of (task, length) depends only on (seed, task, length, i)."""
 
@@ -400,8 +401,8 @@ class SyntheticData(DataSource):
         out = []
         for i in range(self.count):
             rng = random.Random(f"babilong-synthetic/{self.seed}/{task}/{length}/{i}")
-            facts, question, answer = data.babi_story(rng, task)
-            text = data.haystack(rng, facts, length_tokens(length), count_tokens)  # '0k': the facts alone
+            facts, question, answer = synthetic.babi_story(rng, task)
+            text = synthetic.haystack(rng, facts, length_tokens(length), count_tokens)  # '0k': the facts alone
             out.append({"input": text, "question": question, "target": answer})
         return out
 

@@ -769,7 +769,6 @@ class Decoder:
                generator: torch.Generator | None = None) -> list[list[int]]:
         """Append tokens[b] to row b and generate up to max_new_tokens[b] new tokens (0: the row is left
         as it is). Returns each row's new tokens, ending with the first EOS id generated."""
-        model, device = self.model, self.model.device
         if self.cache is None:
             self.length, self.carry = [0] * len(tokens), [[] for _ in tokens]
         if len(tokens) != len(self.length) or len(max_new_tokens) != len(self.length):
@@ -781,11 +780,26 @@ class Decoder:
         new = [self.carry[b] + list(tokens[b]) if b in active else [] for b in range(len(tokens))]
         if any(len(new[b]) == 0 for b in active):
             raise ValueError("generate: every prompt needs at least one token")
-        eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
-        B, L, budget = len(tokens), model.config.num_hidden_layers, max(max_new_tokens)
+        ids, start, lengths = self._append(new, max(max_new_tokens))
+        if not any(self.length):  # every row starts empty: right-padded prompts, causal prefill
+            last = self._prefill(ids, lengths)
+        else:
+            last = self._continue(ids, start, lengths)
+        sampling = (temperature, top_p, generator)
+        token = next_token(self.model.logits(last), *sampling)  # (B,)
+        outputs = self._decode(token, lengths, max_new_tokens, eos_token_ids, sampling)
+        for b in active:  # all but the last new token are in the cache at their place
+            self.length[b] = int(lengths[b]) + len(outputs[b]) - 1
+            self.carry[b] = outputs[b][-1:]
+        return outputs
+
+    def _append(self, new: list[list[int]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The rows' new tokens, right-padded, as ids (B, S); where each row starts (B,) and its length
+        after them (B,). Makes room in the cache for them and `budget` generated tokens after them."""
+        model, device = self.model, self.model.device
         start = torch.tensor(self.length, device=device)
         lengths = start + torch.tensor([len(t) for t in new], device=device)  # tokens after the prefill
-        S = max(len(t) for t in new)
+        B, S = len(new), max(len(t) for t in new)
         ids = torch.zeros(B, S, dtype=torch.long, device=device)
         for b, t in enumerate(new):
             ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
@@ -796,31 +810,46 @@ class Decoder:
             self.cache = KVCache(model.config, B, need, model.dtype, device)
         else:
             self.cache.grow(need)
-        cache = self.cache
+        return ids, start, lengths
 
-        if not any(self.length):  # every row starts empty: right-padded prompts, causal prefill
-            chunk = self.prefill_chunk or S
-            last = torch.zeros(B, model.config.hidden_size, dtype=model.dtype, device=device)
-            for s in range(0, S, chunk):
-                e = min(s + chunk, S)
-                cache.pos = s
-                # Chunk queries s..e-1 see keys 0..e-1: causal, aligned at the bottom right.
-                mask = None if s == 0 else torch.ones(e - s, e, dtype=torch.bool, device=device).tril(s)
-                h = model.run_layers(model.embed(ids[:, s:e]), 0, L, mask=mask,
-                                     positions=torch.arange(s, e, device=device)[None], cache=cache)
-                in_chunk = (lengths - 1 >= s) & (lengths - 1 < e)  # rows whose last prompt token is here
-                idx = (lengths - 1 - s).clamp(0, e - s - 1)
-                last = torch.where(in_chunk[:, None], h[torch.arange(B, device=device), idx], last)
-        else:  # each row continues from its own length: per-row positions and masks
-            positions = start[:, None] + torch.arange(S, device=device)  # (B, S)
-            T = int(start.max()) + S
-            mask = (torch.arange(T, device=device)[None, None] <= positions[:, :, None])[:, None]  # (B,1,S,T)
-            cache.pos = start
-            h = model.run_layers(model.embed(ids), 0, L, mask=mask, positions=positions, cache=cache)
-            last = h[torch.arange(B, device=device), (lengths - start - 1).clamp(min=0)]
-        sampling = (temperature, top_p, generator)
-        token = next_token(model.logits(last), *sampling)  # (B,)
+    def _prefill(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """Run right-padded prompts ids (B, S) into an empty cache, `prefill_chunk` positions at a time.
+        Returns the last layer's output (B, hidden) at each row's last prompt token."""
+        model, cache, device = self.model, self.cache, self.model.device
+        (B, S), L = ids.shape, model.config.num_hidden_layers
+        chunk = self.prefill_chunk or S
+        last = torch.zeros(B, model.config.hidden_size, dtype=model.dtype, device=device)
+        for s in range(0, S, chunk):
+            e = min(s + chunk, S)
+            cache.pos = s
+            # Chunk queries s..e-1 see keys 0..e-1: causal, aligned at the bottom right.
+            mask = None if s == 0 else torch.ones(e - s, e, dtype=torch.bool, device=device).tril(s)
+            h = model.run_layers(model.embed(ids[:, s:e]), 0, L, mask=mask,
+                                 positions=torch.arange(s, e, device=device)[None], cache=cache)
+            in_chunk = (lengths - 1 >= s) & (lengths - 1 < e)  # rows whose last prompt token is here
+            idx = (lengths - 1 - s).clamp(0, e - s - 1)
+            last = torch.where(in_chunk[:, None], h[torch.arange(B, device=device), idx], last)
+        return last
 
+    def _continue(self, ids: Tensor, start: Tensor, lengths: Tensor) -> Tensor:
+        """Run each row's new tokens ids (B, S) from its own length `start` (B,): per-row positions and masks.
+        Returns the last layer's output (B, hidden) at each row's last new token."""
+        model, cache, device = self.model, self.cache, self.model.device
+        (B, S), L = ids.shape, model.config.num_hidden_layers
+        positions = start[:, None] + torch.arange(S, device=device)  # (B, S)
+        T = int(start.max()) + S
+        mask = (torch.arange(T, device=device)[None, None] <= positions[:, :, None])[:, None]  # (B,1,S,T)
+        cache.pos = start
+        h = model.run_layers(model.embed(ids), 0, L, mask=mask, positions=positions, cache=cache)
+        return h[torch.arange(B, device=device), (lengths - start - 1).clamp(min=0)]
+
+    def _decode(self, token: Tensor, lengths: Tensor, max_new_tokens: list[int], eos_token_ids: list[int] | None,
+                sampling: tuple[float, float, torch.Generator | None]) -> list[list[int]]:
+        """One token at a time from the first generated `token` (B,), each row's next one going to position
+        lengths (B,), until every row has its budget or an EOS. Returns each row's tokens."""
+        model, cache, device = self.model, self.cache, self.model.device
+        B, L, budget = len(max_new_tokens), model.config.num_hidden_layers, max(max_new_tokens)
+        eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
         out = torch.empty(B, budget, dtype=torch.long, device=device)
         limit = torch.tensor(max_new_tokens, device=device)
         done = limit == 0
@@ -839,11 +868,7 @@ class Decoder:
                                  cache=cache)
             token = next_token(model.logits(h[:, -1]), *sampling)
             pos = pos + 1
-        outputs = [out[b, :n].tolist() for b, n in enumerate(n_out.tolist())]
-        for b in active:  # all but the last new token are in the cache at their place
-            self.length[b] = int(lengths[b]) + len(outputs[b]) - 1
-            self.carry[b] = outputs[b][-1:]
-        return outputs
+        return [out[b, :n].tolist() for b, n in enumerate(n_out.tolist())]
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
     python experiments/replicate.py --out /tmp/replicate --device cuda   # the same recipe, larger, on a GPU
 
 Stages, each writing under --out and skipped on a rerun when its result is there (the command resumes):
-  1. pretrain: a small Qwen2 (qwen2.py) and its own BPE (data.train_tokenizer) trained from scratch on
+  1. pretrain: a small Qwen2 (qwen2.py) and its own BPE (synthetic.train_tokenizer) trained from scratch on
      filler prose, bAbI-style stories with their question and answer, and chat-rendered agentic records, at
      short context, with a few recipes that are reported to favour attention sinks (a fixed first token,
      spans of random tokens). Sink mass (attention on the first 5 tokens) and short-story accuracy are
@@ -42,6 +42,7 @@ import eval_babilong  # noqa: E402
 import evaluation  # noqa: E402
 import focusft  # noqa: E402
 import qwen2  # noqa: E402
+import synthetic  # noqa: E402
 
 PROG = "experiments/replicate.py"
 SINK = focusft.SINK_TOKENS  # the paper's sink: the first 5 tokens
@@ -130,8 +131,8 @@ def diff_interval(c1: int, n1: int, c2: int, n2: int) -> tuple[float, float, flo
 
 def babi_doc(rng: random.Random, count) -> tuple[str, str]:
     """A short bAbI-style story (facts among a little filler), its question, and ' answer.' to predict."""
-    facts, question, answer = data.babi_story(rng, rng.choice(data.BABI_TASKS))
-    story = data.haystack(rng, facts, rng.randint(0, 40), count) if rng.random() < 0.5 else " ".join(facts)
+    facts, question, answer = synthetic.babi_story(rng, rng.choice(synthetic.BABI_TASKS))
+    story = synthetic.haystack(rng, facts, rng.randint(0, 40), count) if rng.random() < 0.5 else " ".join(facts)
     return f"{story}\nQuestion: {question}\nAnswer:", f" {answer}."
 
 
@@ -141,8 +142,8 @@ def document(rng: random.Random, count, chat_tokens: int) -> str:
         prompt, answer = babi_doc(rng, count)
         return prompt + answer
     if kind < 0.8:
-        return " ".join(data.filler_sentence(rng) for _ in range(rng.randint(2, 12)))
-    record = data.synthetic_conversation(rng, chat_tokens, count)
+        return " ".join(synthetic.filler_sentence(rng) for _ in range(rng.randint(2, 12)))
+    record = synthetic.synthetic_conversation(rng, chat_tokens, count)
     return data.render_chat(record["messages"], record["tools"])
 
 
@@ -201,13 +202,13 @@ def build_tokenizer(out: Path, size: Size):
         rng = random.Random("replicate/tokenizer")
         texts = []
         for _ in range(200):
-            record = data.synthetic_conversation(rng, size.sft_len, data.estimate_tokens)
+            record = synthetic.synthetic_conversation(rng, size.sft_len, synthetic.estimate_tokens)
             texts.append(data.render_chat(record["messages"], record["tools"]))
-            texts.append(" ".join(babi_doc(rng, data.estimate_tokens)))
+            texts.append(" ".join(babi_doc(rng, synthetic.estimate_tokens)))
         for task in size.tasks:
             prompt = eval_babilong.default_prompt(task, chat_template=True)
             texts += [prompt.instruction, prompt.examples, prompt.post_prompt]
-        data.save_tokenizer_files(data.train_tokenizer(texts, vocab_size=size.vocab), path.parent)
+        synthetic.save_tokenizer_files(synthetic.train_tokenizer(texts, vocab_size=size.vocab), path.parent)
     return data.load_tokenizer(path)
 
 
@@ -266,7 +267,7 @@ def pretrain(out: Path, tok, size: Size, recipe: str, device: str, log) -> dict:
             probe(step)
     model.eval()
     model.save_pretrained(where / "model")
-    data.save_tokenizer_files(tok, where / "model")
+    synthetic.save_tokenizer_files(tok, where / "model")
     result = {"recipe": recipe, "description": RECIPES[recipe], "curve": curve, "seconds": time.time() - t0,
               "parameters": sum(p.numel() for p in model.parameters())}
     evaluation.write_json(where / "curve.json", result)
@@ -361,7 +362,7 @@ def protocol(size: Size, device: str) -> str:
 
 - Model: Qwen2 (this project's `qwen2.py`), {size.layers} layers, hidden {size.hidden}, FFN {size.intermediate},
   {size.heads} heads ({size.kv_heads} KV), tied embeddings; BPE of {size.vocab} tokens trained by
-  `data.train_tokenizer` on the synthetic conversations, bAbI stories and the evaluation's prompt texts.
+  `synthetic.train_tokenizer` on the synthetic conversations, bAbI stories and the evaluation's prompt texts.
 - Pretraining, from scratch, per recipe: {size.pre_steps} AdamW steps (lr {size.pre_lr:g}, cosine, 10% warmup,
   weight decay 0.1, batch {size.pre_batch} x {size.pre_len} tokens) on 45% bAbI-style stories with
   `Question: ... Answer: ...`, 35% filler prose, 20% chat-rendered agentic records. Recipes:
@@ -372,7 +373,7 @@ def protocol(size: Size, device: str) -> str:
 - Base model rule: the recipe with the largest final sink mass / uniform among recipes whose final short
   accuracy is at least 80% of the best recipe's.
 - The 2x2 table: `focusft.py` (its `main`) on the base model, {size.sft_steps} optimizer steps of 1 sample
-  ({size.sft_steps} synthetic agentic conversations of ~{size.sft_len} tokens from `data.write_synthetic`, one epoch,
+  ({size.sft_steps} agentic conversations of ~{size.sft_len} tokens from `synthetic.write_synthetic`, one epoch,
   the same file for every run), lr {size.sft_lr:g} (the paper's 1e-5 is for a pretrained 7B), every other
   setting at focusft.py's defaults (K=2, eta=1, c=1, rank 32, alpha 64, layer fraction 0.35), seeds
   {', '.join(map(str, size.seeds))}. Attention diagnostics every {size.attn_every} steps (focusft.py's
@@ -655,8 +656,8 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
         raise ReplicationError(f"--out {out}: no pretrained base yet; run the pretrain stage first")
     base = out / "pretrain" / res["base"] / "model"
     if not (out / "train.jsonl").is_file():
-        data.write_synthetic(out / "train.jsonl", size.sft_steps, size.sft_len, seed=1234,
-                             count_tokens=lambda text: len(tok.encode(text).ids))
+        synthetic.write_synthetic(out / "train.jsonl", size.sft_steps, size.sft_len, seed=1234,
+                                  count_tokens=lambda text: len(tok.encode(text).ids))
     runs = {(v, s): out / "train" / f"{v}-s{s}" for s in size.seeds for v in VARIANTS}
     eval_dir = out / (f"eval-{suffix}" if suffix else "eval")
     # Seed by seed, each variant trained then evaluated: a run stopped early leaves whole seeds behind.

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import focusft  # noqa: E402
 import qwen2  # noqa: E402
+import synthetic  # noqa: E402
 import training  # noqa: E402
 
 
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.jsonl"
         n = args.steps * args.grad_accum
-        data.write_synthetic(path, n_samples=n, n_tokens=args.tokens, seed=args.seed)
+        synthetic.write_synthetic(path, n_samples=n, n_tokens=args.tokens, seed=args.seed)
         records = [json.loads(line) for line in path.read_text().splitlines()]
         texts = [data.render_chat(r["messages"], r.get("tools")) for r in records]
-        tokenizer = data.train_tokenizer(texts, vocab_size=2000)
+        tokenizer = synthetic.train_tokenizer(texts, vocab_size=2000)
         samples, _ = data.load_samples(path, tokenizer, max_len=4096)
     config = qwen2.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden,
                                intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,

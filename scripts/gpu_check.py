@@ -11,8 +11,8 @@ in one part leaves the others running:
               focusft_step against reference_focusft_loss (bf16, fp32 beside it): max differences
   sdpa        which SDPA kernel PyTorch picks for the causal path, the hybrid mask and decoding
               (the profiler's op names), and the time of each backend forced alone, at 4K
-  train       a few optimizer steps of focusft.py's command line (bf16, one process, data.py's
-              synthetic data) on a random model with Qwen2.5-0.5B's shape at 4096 tokens, with inner
+  train       a few optimizer steps of focusft.py's command line (bf16, one process, synthetic.py's
+              data) on a random model with Qwen2.5-0.5B's shape at 4096 tokens, with inner
               checkpointing on and off: finite losses, checkpoint reloaded, peak memory
   bench7b     bench.py's three variants at Qwen2.5-7B's shape (bf16, 4096 tokens, 25% response
               tokens): step time, tokens/s, MFU, peak memory, for both inner-checkpointing settings;
@@ -361,6 +361,7 @@ def part_sdpa(part: Part, size: Sizes, work: Path) -> None:
 def small_model(work: Path, size: Sizes) -> Path:
     import data
     import qwen2
+    import synthetic
 
     directory = work / "small-model"
     if (directory / "config.json").is_file():
@@ -369,16 +370,16 @@ def small_model(work: Path, size: Sizes) -> Path:
     rng = random.Random(0)
     texts = []
     for _ in range(40):
-        record = data.synthetic_conversation(rng, 512, data.estimate_tokens)
+        record = synthetic.synthetic_conversation(rng, 512, synthetic.estimate_tokens)
         texts.append(data.render_chat(record["messages"], record["tools"]))
-    tokenizer = data.train_tokenizer(texts, vocab_size=1000)
+    tokenizer = synthetic.train_tokenizer(texts, vocab_size=1000)
     vocab = max(size.small["vocab_size"], tokenizer.get_vocab_size())
     config = qwen2.Qwen2Config(**{**size.small, "vocab_size": vocab}, max_position_embeddings=size.max_positions,
                                rope_theta=1e6, eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
     tmp = work / "small-model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     qwen2.random_model(config, seed=0, dtype="bfloat16").save_pretrained(tmp)
-    data.save_tokenizer_files(tokenizer, tmp)
+    synthetic.save_tokenizer_files(tokenizer, tmp)
     tmp.rename(directory)
     return directory
 
@@ -391,6 +392,7 @@ def part_train(part: Part, size: Sizes, work: Path) -> None:
     import data
     import focusft
     import qwen2
+    import synthetic
     import training
 
     device = torch.device(size.device)
@@ -398,8 +400,8 @@ def part_train(part: Part, size: Sizes, work: Path) -> None:
     tokenizer = data.load_tokenizer(model_dir)
     data_file = work / "train.jsonl"
     # Samples a little under --max-len, so that truncation never cuts off their last answer.
-    data.write_synthetic(data_file, size.train_steps + 1, size.seq - size.seq // 16, seed=0,
-                         count_tokens=lambda text: len(tokenizer.encode(text).ids))
+    synthetic.write_synthetic(data_file, size.train_steps + 1, size.seq - size.seq // 16, seed=0,
+                              count_tokens=lambda text: len(tokenizer.encode(text).ids))
     # A training checkpoint one step before the end: the last step is then trained again after a resume.
     base = ["--model", str(model_dir), "--data", str(data_file), "--max-steps", str(size.train_steps),
             "--grad-accum", "1", "--max-len", str(size.seq), "--ckpt-every", str(size.train_steps - 1),

@@ -139,18 +139,19 @@ def tiny(tmp_path_factory):
 
     import data
     import qwen2
+    import synthetic
 
     root = tmp_path_factory.mktemp("tiny")
-    data.write_synthetic(root / "train.jsonl", n_samples=12, n_tokens=400, seed=0)
+    synthetic.write_synthetic(root / "train.jsonl", n_samples=12, n_tokens=400, seed=0)
     records = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
-    tokenizer = data.train_tokenizer([data.render_chat(r["messages"], r.get("tools")) for r in records],
-                                     vocab_size=500)
+    tokenizer = synthetic.train_tokenizer([data.render_chat(r["messages"], r.get("tools")) for r in records],
+                                          vocab_size=500)
     config = qwen2.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=4096, tie_word_embeddings=True,
                                eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
     qwen2.random_model(config, seed=0).save_pretrained(root / "model")
-    data.save_tokenizer_files(tokenizer, root / "model")
+    synthetic.save_tokenizer_files(tokenizer, root / "model")
     return SimpleNamespace(root=root, model=root / "model", data=root / "train.jsonl", tokenizer=tokenizer)
 
 

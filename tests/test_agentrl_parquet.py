@@ -10,6 +10,7 @@ import pytest
 from conftest import step_rows, train_in_process
 
 import data
+import synthetic
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -102,7 +103,7 @@ def agentrl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small():
     texts = [data.render_chat(r["messages"], r["tools"]) for r in records(40, seed=1)]
-    return data.train_tokenizer(texts, vocab_size=800)
+    return synthetic.train_tokenizer(texts, vocab_size=800)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -1,5 +1,6 @@
 """Tests for data.py: Qwen2.5 chat rendering and tokenization against the real template and tokenizer,
-loss masks, loading and validation, batching and sharding, the small tokenizer, synthetic data, CLI."""
+loss masks, loading and validation, batching and sharding, the small tokenizer (synthetic.train_tokenizer),
+generated data through the loader, the command line. The generators themselves: test_synthetic.py."""
 
 import json
 import pickle
@@ -7,7 +8,6 @@ import random
 import re
 import subprocess
 import sys
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 from conftest import require_real_tokenizer
 
 import data
+import synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -304,18 +305,18 @@ def test_leading_newlines_are_not_merged_into_the_header(qwen):
 
 @pytest.fixture(scope="module")
 def small():
-    """data.train_tokenizer's byte-level BPE, trained on synthetic conversations (fast, no files)."""
+    """synthetic.train_tokenizer's byte-level BPE, trained on synthetic conversations (fast, no files)."""
     rng = random.Random(0)
-    texts = [data.render_chat(*data.synthetic_conversation(rng, 600, data.estimate_tokens).values())
+    texts = [data.render_chat(*synthetic.synthetic_conversation(rng, 600, synthetic.estimate_tokens).values())
              for _ in range(40)]
     texts += [data.render_chat(m, t) for m, t in CONVERSATIONS.values()]
-    return data.train_tokenizer(texts, vocab_size=2000)
+    return synthetic.train_tokenizer(texts, vocab_size=2000)
 
 
 @pytest.fixture(scope="module")
 def small_dir(small, tmp_path_factory):
     d = tmp_path_factory.mktemp("small_tokenizer")
-    data.save_tokenizer_files(small, d)
+    synthetic.save_tokenizer_files(small, d)
     return d
 
 
@@ -656,182 +657,19 @@ def test_sharding_rejects_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Synthetic data: an independent replay of the facts checks every answer
-
-OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
-MOVE = re.compile(r"(\w+) (?:moved|went|journeyed|travelled|went back) to the (\w+)\.")
-PICK = re.compile(r"(\w+) (?:picked up|got|grabbed|took) the (\w+)\.")
-DROP = re.compile(r"(\w+) (?:dropped|discarded|put down|left) the (\w+)\.")
-GIVE = re.compile(r"(\w+) (?:gave|handed|passed) the (\w+) to (\w+)\.")
-RELATION = re.compile(r"The (\w+) is (north|south|east|west) of the (\w+)\.")
-FACT = re.compile("|".join(f"(?:{p.pattern})" for p in (MOVE, PICK, DROP, GIVE, RELATION)))
-
-
-def only(values):
-    assert len(values) == 1, values
-    return values[0]
-
-
-def replay(facts, question):
-    """The answer the facts imply, by a state machine that also checks the facts are possible."""
-    person_at, carrier, thing_at, trail, gives, relations = {}, {}, {}, defaultdict(list), [], set()
-
-    def put(thing, room):
-        thing_at[thing] = room
-        if not trail[thing] or trail[thing][-1] != room:
-            trail[thing].append(room)
-
-    for fact in facts:
-        if m := MOVE.fullmatch(fact):
-            person, room = m.groups()
-            assert person_at.get(person) != room
-            person_at[person] = room
-            for thing in [t for t, c in carrier.items() if c == person]:
-                put(thing, room)
-        elif m := PICK.fullmatch(fact):
-            person, thing = m.groups()
-            assert person in person_at and thing not in carrier
-            assert thing_at.get(thing, person_at[person]) == person_at[person]
-            carrier[thing] = person
-            put(thing, person_at[person])
-        elif m := DROP.fullmatch(fact):
-            person, thing = m.groups()
-            assert carrier.pop(thing) == person
-        elif m := GIVE.fullmatch(fact):
-            giver, thing, receiver = m.groups()
-            assert carrier[thing] == giver and person_at[receiver] == person_at[giver] and giver != receiver
-            carrier[thing] = receiver
-            gives.append((giver, thing, receiver))
-        elif m := RELATION.fullmatch(fact):
-            a, d, b = m.groups()
-            relations |= {(a, d, b), (b, OPPOSITE[d], a)}
-        else:
-            raise AssertionError(f"not a fact: {fact!r}")
-
-    if m := re.fullmatch(r"Where is the (\w+)\?", question):
-        return thing_at[m[1]]
-    if m := re.fullmatch(r"Where is (\w+)\?", question):
-        return person_at[m[1]]
-    if m := re.fullmatch(r"Where was the (\w+) before the (\w+)\?", question):
-        rooms = trail[m[1]]
-        assert rooms.count(m[2]) == 1 and rooms.index(m[2]) > 0
-        return rooms[rooms.index(m[2]) - 1]
-    if m := re.fullmatch(r"What is (\w+) of the (\w+)\?", question):
-        return only([a for a, d, b in relations if d == m[1] and b == m[2]])
-    if m := re.fullmatch(r"What is the (\w+) (\w+) of\?", question):
-        return only([b for a, d, b in relations if a == m[1] and d == m[2]])
-    if m := re.fullmatch(r"Who received the (\w+)\?", question):
-        return only([g for g in gives if g[1] == m[1]])[2]
-    if m := re.fullmatch(r"Who gave the (\w+)\?", question):
-        return only([g for g in gives if g[1] == m[1]])[0]
-    if m := re.fullmatch(r"What did (\w+) give to (\w+)\?", question):
-        return only([g for g in gives if (g[0], g[2]) == (m[1], m[2])])[1]
-    if m := re.fullmatch(r"Who gave the (\w+) to (\w+)\?", question):
-        return only([g for g in gives if (g[1], g[2]) == (m[1], m[2])])[0]
-    if m := re.fullmatch(r"Who did (\w+) give the (\w+) to\?", question):
-        return only([g for g in gives if (g[0], g[1]) == (m[1], m[2])])[2]
-    raise AssertionError(f"unknown question {question!r}")
-
-
-LABELS = {task: set(data.ROOMS) for task in ("qa1", "qa2", "qa3", "qa4")}
-LABELS["qa5"] = {"Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk"}
-
-
-@pytest.mark.parametrize("task", data.BABI_TASKS)
-def test_babi_answers_follow_from_the_facts(task):
-    questions = set()
-    for seed in range(300):
-        facts, question, answer = data.babi_story(random.Random(f"{task}-{seed}"), task)
-        assert replay(facts, question) == answer, (facts, question, answer)
-        assert answer in LABELS[task]
-        questions.add(re.sub(r"(Bill|Fred|Jeff|Mary|John|Daniel|Sandra|the \w+|north|south|east|west)", "_",
-                             question))
-    if task == "qa5":  # all five question forms occur
-        assert {"Who received _?", "Who gave _?", "What did _ give to _?", "Who gave _ to _?",
-                "Who did _ give _ to?"} <= questions
-    if task == "qa4":
-        assert {"What is _ of _?", "What is _ _ of?"} <= questions
-
-
-def test_babi_story_is_deterministic():
-    for task in data.BABI_TASKS:
-        assert data.babi_story(random.Random(5), task) == data.babi_story(random.Random(5), task)
-    with pytest.raises(ValueError, match="unknown bAbI task"):
-        data.babi_story(random.Random(0), "qa9")
-
-
-def test_filler_never_mentions_the_facts_vocabulary():
-    words = [*data.ROOMS, *data.OBJECTS, *data.PEOPLE, *data.QA5_PEOPLE]
-    rng = random.Random(0)
-    for _ in range(3000):
-        sentence = data.filler_sentence(rng).lower()
-        assert not any(w.lower() in sentence for w in words), sentence
-        assert not re.search(r"\b(north|south|east|west)\b", sentence)
-        assert not FACT.search(data.filler_sentence(rng))
-
-
-def test_haystack_keeps_facts_in_order_and_hits_the_length(qwen):
-    calls = []
-
-    def count(text):
-        calls.append(len(text))
-        return len(qwen.encode(text, add_special_tokens=False).ids)
-
-    facts, _, _ = data.babi_story(random.Random(1), "qa2")
-    for n_tokens in (300, 3000, 12000):
-        calls.clear()
-        text = data.haystack(random.Random(n_tokens), facts, n_tokens, count)
-        assert [m.group(0) for m in FACT.finditer(text)] == facts
-        assert abs(count(text) - n_tokens) <= 0.03 * n_tokens + 10
-        assert len(calls) <= 10  # estimate and correct; never one count per sentence
-    assert data.haystack(random.Random(0), facts, 5, count) == " ".join(facts)
-    assert data.haystack(random.Random(3), facts, 2000, data.estimate_tokens) == \
-        data.haystack(random.Random(3), facts, 2000, data.estimate_tokens)
-
-
-def test_synthetic_conversations_are_valid_consistent_and_varied(qwen):
-    count = lambda s: len(qwen.encode(s, add_special_tokens=False).ids)
-    shapes = set()
-    for seed in range(40):
-        rec = data.synthetic_conversation(random.Random(seed), 1500, count)
-        messages, tools = rec["messages"], rec["tools"]
-        assert set(rec) == {"messages", "tools"}
-        assert data.conversation_problems(messages, tools) == []
-        assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
-        assert messages[-1]["role"] == "assistant" and "tool_calls" not in messages[-1]
-        question = re.search(r"answer: (.*\?)$", messages[1]["content"])[1]
-        tool_outputs = [m["content"] for m in messages if m["role"] == "tool"]
-        facts = [m.group(0) for text in tool_outputs for m in FACT.finditer(text)]
-        answer = replay(facts, question)
-        assert re.search(rf"\b{answer}\b", messages[-1]["content"])
-        n_tokens = len(data.encode_chat(qwen, messages, tools)[0])
-        assert 1300 <= n_tokens <= 1700, n_tokens
-        calls = [c for m in messages for c in m.get("tool_calls", [])]
-        assert all(isinstance(c["function"]["arguments"], dict) for c in calls)
-        shapes.add(tuple(m["role"] if m["role"] != "assistant" else f"a{len(m.get('tool_calls', []))}"
-                         for m in messages))
-    assert len(shapes) >= 4  # single call, parallel calls, several rounds, ...
-
-
-def test_token_estimate_is_close_to_qwen(qwen):
-    rng = random.Random(0)
-    records = [data.synthetic_conversation(rng, n, data.estimate_tokens) for n in (500, 2000, 6000)]
-    texts = [data.render_chat(r["messages"], r["tools"]) for r in records]
-    texts.append((REPO / "data.py").read_text(encoding="utf-8"))
-    for text in texts:
-        assert 0.75 < data.estimate_tokens(text) / len(qwen.encode(text).ids) < 1.35
+# Generated data (synthetic.py) through the loader
 
 
 def test_write_synthetic_is_deterministic_and_loads(small, tmp_path):
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
-    data.write_synthetic(a, 6, 800, seed=3)
-    data.write_synthetic(b, 6, 800, seed=3)
-    data.write_synthetic(c, 6, 800, seed=4)
+    synthetic.write_synthetic(a, 6, 800, seed=3)
+    synthetic.write_synthetic(b, 6, 800, seed=3)
+    synthetic.write_synthetic(c, 6, 800, seed=4)
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
     samples, stats = data.load_samples(a, small, max_len=100_000)
     assert stats.n_samples == 6 and stats.n_bad == 0
     # sample i depends only on (seed, i)
-    data.write_synthetic(b, 3, 800, seed=3)
+    synthetic.write_synthetic(b, 3, 800, seed=3)
     assert a.read_text().splitlines()[:3] == b.read_text().splitlines()
 
 
@@ -841,7 +679,7 @@ def test_write_synthetic_is_deterministic_and_loads(small, tmp_path):
 
 def test_cli_synth_then_check(small_dir, tmp_path, capsys):
     out = tmp_path / "synth.jsonl"
-    assert data.main(["synth", "--out", str(out), "--samples", "5", "--tokens", "600", "--seed", "1"]) == 0
+    assert synthetic.main(["write", "--out", str(out), "--samples", "5", "--tokens", "600", "--seed", "1"]) == 0
     assert len(out.read_text().splitlines()) == 5
     assert data.main(["check", "--data", str(out), str(out), "--tokenizer", str(small_dir),
                       "--max-len", "300", "--show", "1"]) == 0

@@ -21,6 +21,7 @@ import data
 import eval_babilong as ev
 import evaluation
 import qwen2
+import synthetic
 
 PLAIN = "instruction_yes_examples_yes_post_prompt_yes_chat_template_no_system_prompt_no"
 
@@ -36,10 +37,10 @@ def tiny_model(tmp_path_factory) -> Path:
     texts = []
     for task in ev.SYNTHETIC_TASKS:
         for _ in range(40):
-            facts, question, answer = data.babi_story(rng, task)
-            texts.append(f"{data.haystack(rng, facts, 300, lambda s: len(s) // 4)} {question} {answer}")
+            facts, question, answer = synthetic.babi_story(rng, task)
+            texts.append(f"{synthetic.haystack(rng, facts, 300, lambda s: len(s) // 4)} {question} {answer}")
     texts += [v for p in ev.PROMPTS.values() for v in p.values()]
-    tokenizer = data.train_tokenizer(texts, vocab_size=600)
+    tokenizer = synthetic.train_tokenizer(texts, vocab_size=600)
     config = qwen2.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=3072,
@@ -50,7 +51,7 @@ def tiny_model(tmp_path_factory) -> Path:
         for p in model.parameters():
             p.mul_(15)
     model.save_pretrained(directory)
-    data.save_tokenizer_files(tokenizer, directory)
+    synthetic.save_tokenizer_files(tokenizer, directory)
     return directory
 
 
@@ -343,7 +344,7 @@ def test_hub_offline_uses_the_cache(tmp_path, monkeypatch):
 def test_synthetic_token_count_lengths():
     # A plain number is a token count (for models below the benchmark's shortest split); names keep their sizes.
     assert ev.length_tokens("512") == 512 and ev.length_tokens("1k") == 1024
-    count = ev.data.estimate_tokens
+    count = synthetic.estimate_tokens
     lengths = [count(s["input"]) for s in ev.SyntheticData(count=2).samples("qa1", "300", count)]
     assert all(280 <= n <= 320 for n in lengths), lengths
 

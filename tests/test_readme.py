@@ -37,7 +37,8 @@ def test_docs_are_linked_and_stay_inside_the_repository():
 
 
 SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "eval_gpqa.py": [[]],
-           "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["synth"], ["check"]],
+           "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["check"]],
+           "synthetic.py": [["write"]],
            "scripts/gpu_check.py": [[]], "experiments/replicate.py": [[]]}
 
 
