@@ -46,26 +46,6 @@ _TOOLS_OUTRO = (
     "<args-json-object>}\n</tool_call>" + IM_END + "\n"
 )
 
-# Qwen2.5's added tokens, in tokenizer.json order, with their `special` flags. The tool-call and FIM
-# markers are not special: decoding with skip_special_tokens keeps them.
-QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    *((t, True) for t in (
-        ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-        "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-    )),
-    *((t, False) for t in (
-        "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-        "<|repo_name|>", "<|file_sep|>",
-    )),
-)
-# Qwen2's pre-tokenizer split (digits one by one, letters with an optional leading non-letter, ...).
-QWEN_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
-
-
 def _tojson(value: Any) -> str:
     # The template's `tojson` is transformers' override of jinja's filter: plain json.dumps with default
     # separators, keys in their given order, non-ASCII kept and no HTML escaping of < > & '.

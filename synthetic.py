@@ -37,6 +37,25 @@ from tokenizers import (
 
 import data
 
+# Qwen2.5's added tokens, in tokenizer.json order, with their `special` flags. The tool-call and FIM
+# markers are not special: decoding with skip_special_tokens keeps them.
+QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    *((t, True) for t in (
+        data.ENDOFTEXT, data.IM_START, data.IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+        "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    )),
+    *((t, False) for t in (
+        "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+        "<|repo_name|>", "<|file_sep|>",
+    )),
+)
+# Qwen2's pre-tokenizer split (digits one by one, letters with an optional leading non-letter, ...).
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
 # ----------------------------------------------------------------------------------------------------
 # Small tokenizers for random models
 
@@ -47,7 +66,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(data.QWEN_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -56,7 +75,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Tokenizer:
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
-    for content, special in data.QWEN_ADDED_TOKENS:  # one at a time keeps the ids in Qwen's order
+    for content, special in QWEN_ADDED_TOKENS:  # one at a time keeps the ids in Qwen's order
         tok.add_tokens([AddedToken(content, special=special, normalized=False)])
     return tok
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import convert_gguf  # noqa: E402, I001 (scripts/ is on the path from here on)
 import data  # noqa: E402
 import qwen2  # noqa: E402
+import synthetic  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 
@@ -101,7 +102,7 @@ def test_trains_and_evaluates(smollm2, tmp_path):
     """focusft.py trains on the conversion and eval_babilong.py --synthetic evaluates it (toy sizes)."""
     import eval_babilong
 
-    data.write_synthetic(tmp_path / "train.jsonl", n_samples=2, n_tokens=200, seed=0)
+    synthetic.write_synthetic(tmp_path / "train.jsonl", n_samples=2, n_tokens=200, seed=0)
     model = SimpleNamespace(model=smollm2.dir, data=tmp_path / "train.jsonl")
     train_in_process(model, tmp_path / "run", "--max-steps", "1", "--grad-accum", "1", "--max-len", "400",
                      "--dtype", "fp32")

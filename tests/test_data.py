@@ -344,7 +344,7 @@ def test_small_tokenizer_gives_the_same_structure_as_qwen(qwen, small, name):
     structure = {}
     for key, tok in (("qwen", qwen), ("small", small)):
         ids, mask = data.encode_chat(tok, messages, tools)
-        added = {tok.token_to_id(c) for c, _ in data.QWEN_ADDED_TOKENS}
+        added = {tok.token_to_id(c) for c, _ in synthetic.QWEN_ADDED_TOKENS}
         structure[key] = (
             [tok.id_to_token(i) for i in ids if i in added],  # the control tokens, each a single token
             [tok.decode(r, skip_special_tokens=False) for r in runs(ids, mask)],  # the trained text
