@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_real_tokenizer
+from conftest import real_tokenizer_dir, require_real_tokenizer
 
 import data
 import synthetic
@@ -571,6 +571,81 @@ def test_load_checks_the_tokenizer(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     with pytest.raises(ValueError, match="no <|im_start|> token"):
         data.load_samples(path, Tokenizer(models.BPE()))
+
+
+def test_turn_markers_must_be_special_tokens(small, tmp_path):
+    """A tokenizer that has <|im_end|> as an ordinary added token would let a message's text forge a turn."""
+    weak = data.load_tokenizer(small_dir_of(small, tmp_path))
+    assert data.load_samples(write_jsonl(tmp_path / "d.jsonl", [GOOD]), weak)[0]
+    as_json = json.loads(weak.to_str())
+    for token in as_json["added_tokens"]:
+        token["special"] = token["special"] and token["content"] != data.IM_END
+    (tmp_path / "weak.json").write_text(json.dumps(as_json))
+    with pytest.raises(data.DataError, match="no special <\\|im_end\\|> token"):
+        data.load_samples(tmp_path / "d.jsonl", data.load_tokenizer(tmp_path / "weak.json"))
+
+
+def small_dir_of(tokenizer, tmp_path: Path) -> Path:
+    synthetic.save_tokenizer_files(tokenizer, tmp_path / "tok")
+    return tmp_path / "tok"
+
+
+SMOLLM_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                   "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                   "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n'}}{% endfor %}")
+NO_DEFAULT_TEMPLATE = ("{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + "
+                       "'<|im_end|>\\n' }}{%- endif %}")
+
+
+def test_default_system_prompt_comes_from_the_checkpoints_template(tmp_path):
+    def checkpoint(name: str, template=None, jinja: str | None = None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "tokenizer_config.json").write_text(json.dumps({} if template is None else {"chat_template": template}))
+        if jinja is not None:
+            (d / "chat_template.jinja").write_text(jinja)
+        return d
+
+    smollm = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert data.default_system(checkpoint("smollm", SMOLLM_TEMPLATE)) == smollm
+    assert data.default_system(checkpoint("none")) == data.DEFAULT_SYSTEM  # no template: Qwen2.5's format
+    assert data.default_system(checkpoint("jinja", jinja=SMOLLM_TEMPLATE)) == smollm
+    assert data.default_system(checkpoint("named", [{"name": "default", "template": SMOLLM_TEMPLATE}])) == smollm
+    assert data.default_system(checkpoint("qwen3-like", NO_DEFAULT_TEMPLATE)) is None
+    if (qwen := real_tokenizer_dir("chat_template.jinja")) is not None:  # Qwen2.5's own, "\n" escaped
+        assert data.default_system(qwen) == data.DEFAULT_SYSTEM
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(data.DataError, match="tokenizer_config.json: not a valid JSON object"):
+        data.default_system(tmp_path / "broken")
+
+
+def test_render_with_another_default_system_or_none():
+    user = [{"role": "user", "content": "Hi"}]
+    assert data.render_chat(user, default_system="Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+    assert data.render_chat(user, default_system=None) == "<|im_start|>user\nHi<|im_end|>\n"
+    with_tools = data.render_chat(user, TOOLS, default_system=None)
+    assert with_tools.startswith("<|im_start|>system\n# Tools\n\nYou may call")
+    given = [{"role": "system", "content": "Mine."}, *user]  # a conversation's own system message wins
+    assert data.render_chat(given, default_system="Be brief.") == data.render_chat(given)
+
+
+def test_load_samples_and_the_evaluators_use_the_checkpoints_default(small, tmp_path):
+    import evaluation
+
+    d = small_dir_of(small, tmp_path)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": SMOLLM_TEMPLATE}))
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": small.get_vocab_size(),
+                                               "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2}))
+    setup = evaluation.load_setup(d, max_new_tokens=4)
+    assert setup.system.startswith("You are a helpful AI assistant named SmolLM")
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    ids = data.load_samples(path, small, default_system=setup.system)[0][0].input_ids
+    assert "named SmolLM" in small.decode(ids) and "Qwen" not in small.decode(ids)
 
 
 # ----------------------------------------------------------------------------------------------------
