@@ -278,6 +278,10 @@ def convert(source: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     check_out_dir(out)
     torch_dtype = qwen2.parse_dtype(dtype)
     reader, meta = read_gguf(path)
+    needed = ("general.architecture", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type")
+    absent = [k for k in needed if k not in meta]
+    if absent:
+        raise ConvertError(f"{path}: metadata {', '.join(absent)} missing (a model GGUF with its tokenizer is needed)")
     config = qwen2_config(meta, reader, torch_dtype, path)
     tensors = checkpoint_tensors(reader, config, meta["general.architecture"], torch_dtype, path)
     tokenizer = build_tokenizer(meta, path)
@@ -290,7 +294,10 @@ def convert(source: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
         qwen2.save_weights(tensors, config, tmp, generation)
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta), indent=2) + "\n")
-        qwen2.from_pretrained(tmp)  # what was written loads strictly
+        try:
+            qwen2.from_pretrained(tmp)  # what was written loads strictly: no tensor missing or mis-shaped
+        except qwen2.CheckpointError as e:
+            raise ConvertError(f"{path}: the tensors do not make the model its metadata describes ({e})") from None
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = convert(args.source, args.out_dir, args.dtype)
-    except ConvertError as e:
+    except (ConvertError, OSError) as e:  # OSError: no space left, no permission, ...
         sys.exit(f"convert_gguf.py: error: {e}")
     conversion = json.loads((out / "config.json").read_text())[CONVERTED]
     types = ", ".join(f"{k} x{v}" for k, v in conversion["quantization"].items())

@@ -377,6 +377,8 @@ def test_bad_inputs_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
             np.ones(8, dtype=np.float32), gguf.GGMLQuantizationType.F32)}),
         "no Qwen2 counterpart: blk.0.attn_sinks": dict(raw={"blk.0.attn_sinks": (
             np.ones(4, dtype=np.float32), gguf.GGMLQuantizationType.F32)}),
+        "do not make the model its metadata describes": dict(skip=("blk.1.ffn_down.weight",)),
+        "mis-shaped": dict(meta={"feed_forward_length": 96}),
     }
     for i, (expected, kw) in enumerate(cases.items()):
         arch = kw.pop("arch", "llama")
