@@ -41,6 +41,10 @@ SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[
            "scripts/gpu_check.py": [[]], "experiments/replicate.py": [[]]}
 
 
+# Flags of the programs the docs run beside the scripts: torchrun's and TensorBoard's.
+OTHER_PROGRAMS_FLAGS = {"--nproc_per_node", "--logdir"}
+
+
 def help_text(capsys, monkeypatch, script: str, sub: list[str]) -> str:
     """`python SCRIPT [SUB] --help`, run in this process (runpy, as __main__): no interpreter start-up."""
     monkeypatch.setattr(sys, "argv", [str(ROOT / script), *sub, "--help"])
@@ -74,7 +78,7 @@ def test_every_flag_in_the_readme_exists(capsys, monkeypatch):
             if len(scripts) != 1:
                 continue
             for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", line):
-                if flag in ("--nproc_per_node",):  # torchrun's own
+                if flag in OTHER_PROGRAMS_FLAGS:
                     continue
                 assert flag in helps[scripts[0]], f"{name}: {scripts[0]} has no flag {flag}: {line.strip()}"
                 checked[name] += 1
