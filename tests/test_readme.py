@@ -38,7 +38,7 @@ def test_docs_are_linked_and_stay_inside_the_repository():
 
 SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "eval_gpqa.py": [[]],
            "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["synth"], ["check"]],
-           "scripts/gpu_check.py": [[]], "experiments/replicate.py": [[]]}
+           "scripts/gpu_check.py": [[]], "scripts/plot_metrics.py": [[]], "experiments/replicate.py": [[]]}
 
 
 # Flags of the programs the docs run beside the scripts: torchrun's and TensorBoard's.
