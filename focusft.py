@@ -48,6 +48,7 @@ from training import (
     all_reduce_sum,
     barrier,
     broadcast_str,
+    check_shared_out,
     export,
     fail,
     full_state,
@@ -534,6 +535,7 @@ def prepare(args: argparse.Namespace, procs: Processes) -> Job | None:
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged if r["step"] <= up_to))
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e.strerror or e})")
+    check_shared_out(out, procs)  # several nodes: one filesystem for the checkpoints
     job.report = open_report(args.report_to, out, config, up_to + 1, procs)
     if procs.main:
         print(stats.summary())

@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,33 @@ def replicas_agree(model: nn.Module, procs: Processes) -> bool:
 def barrier(procs: Processes) -> None:
     if procs.world > 1:
         dist.barrier()
+
+
+# How long a rank looks for rank 0's marker in --out: a network filesystem may show another node's new file
+# only once its attribute cache expires (NFS: up to acdirmax, 60 s by default).
+SHARED_OUT_WAIT_S = 60.0
+
+
+def check_shared_out(out: Path, procs: Processes) -> None:
+    """Every rank writes its part of each training checkpoint into --out and reads the checkpoint back to
+    resume, so every rank must see the directory rank 0 made: on several nodes, one shared filesystem. A
+    rank that does not see rank 0's marker file there stops the run, before training, with one line."""
+    if procs.world == 1:
+        return
+    marker = out / f".shared-{broadcast_str(uuid.uuid4().hex, procs)}"
+    if procs.main:
+        marker.touch()
+    barrier(procs)
+    deadline = time.monotonic() + SHARED_OUT_WAIT_S
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    blind = all_reduce_sum([0.0 if marker.exists() else 1.0], procs)[0]  # also: every rank has looked
+    if procs.main:
+        marker.unlink()
+    if blind:
+        fail(f"--out {out}: {blind:.0f} of the {procs.world} processes do not see the directory rank 0 writes; "
+             f"every rank writes its part of each training checkpoint there, so on several nodes --out must be on "
+             f"a filesystem all of them share, at the same path")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
