@@ -41,8 +41,10 @@ SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[
            "scripts/gpu_check.py": [[]], "scripts/plot_metrics.py": [[]], "experiments/replicate.py": [[]]}
 
 
-# Flags of the programs the docs run beside the scripts: torchrun's and TensorBoard's.
-OTHER_PROGRAMS_FLAGS = {"--nproc_per_node", "--logdir"}
+# Flags of the programs the docs run beside the scripts: torchrun's, SLURM's and TensorBoard's.
+OTHER_PROGRAMS_FLAGS = {"--nproc_per_node", "--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint",
+                        "--rdzv-id", "--rdzv-conf", "--nodes", "--ntasks-per-node", "--gpus-per-node",
+                        "--cpus-per-task", "--logdir"}
 
 
 def help_text(capsys, monkeypatch, script: str, sub: list[str]) -> str:
