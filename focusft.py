@@ -14,7 +14,7 @@ Read top to bottom, in the paper's order (section 3). Each optimizer step, for e
 differentiates the inner loss with respect to phi alone. `reference_focusft_loss` is the slow,
 obvious computation (the authors' way) that the tests hold the fast path to. Then the attention
 diagnostics, the optimisation (schedule, weight decay, global clip), and `train`, the loop; the
-machinery it calls (processes, DDP/FSDP2, checkpoints, exports, signals) is in training.py.
+machinery it calls (processes, DDP/FSDP2, checkpoints, exports, signals, reporting) is in training.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The trainer's machinery, kept out of the training loop in focusft.py: the process group, data
 parallelism (DDP or FSDP2, set up in `parallelize`), training checkpoints and resuming, HF exports,
-signals, and one-line errors. Each is one call from `focusft.train`; nothing here knows the method.
+signals, one-line errors, and --report-to's TensorBoard and W&B writers. Each is one call from
+`focusft.train`; nothing here knows the method.
 """
 
 from __future__ import annotations
