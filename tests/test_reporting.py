@@ -108,12 +108,14 @@ def wandb_history(path) -> dict[int, dict]:
 
 
 @pytest.fixture
-def wandb_settings(monkeypatch):
-    """W&B keeps the settings of its first run for the life of a process: start and end with none."""
+def wandb_settings(monkeypatch, tmp_path):
+    """W&B keeps the settings of its first run for the life of a process: start and end with none. HOME is a
+    temporary one: no account (~/.netrc) is found, and W&B's logs (~/.cache/wandb) stay there."""
     import wandb
 
     wandb.teardown()
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
     yield monkeypatch
     wandb.teardown()  # as at the end of a process: W&B's service also finishes writing its files
 
@@ -142,8 +144,8 @@ def test_wandb_offline_logs_the_same_rows_into_one_run_across_a_resume(tiny, tmp
 
 
 def test_wandb_without_an_account_is_one_line(tiny, tmp_path, wandb_settings, capsys):
-    for name, value in {"HOME": tmp_path, "WANDB_MODE": "online", "WANDB_DIR": tmp_path}.items():
-        wandb_settings.setenv(name, str(value))  # no ~/.netrc, no key: W&B refuses before any network call
+    wandb_settings.setenv("WANDB_MODE", "online")  # no key, no ~/.netrc: W&B refuses before any network call
+    wandb_settings.setenv("WANDB_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as stop:
         train_in_process(tiny, tmp_path / "run", "--report-to", "wandb")
     assert stop.value.code == 1
