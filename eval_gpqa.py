@@ -653,13 +653,17 @@ def read_rollouts(path: Path) -> tuple[list[dict], bool]:
         return [], True
     with open(path, encoding="utf-8", newline="") as f:  # newline="": the file's own line ends, untranslated
         text = f.read()
-    lines = text.splitlines(keepends=True)
+    # "\n" alone ends a record: json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 unescaped
+    # inside a transcript, and str.splitlines would split there too.
+    lines = text.split("\n")
+    if lines[-1] == "":  # what follows the final "\n"
+        lines.pop()
     records = []
     for n, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if n == len(lines) and not line.endswith(("\n", "\r")):  # "\r": an editor's line end, not a cut
+            if n == len(lines) and not text.endswith(("\n", "\r")):  # "\r": an editor's line end, not a cut
                 break
             raise evaluation.EvalError(f"{path}:{n}: not valid JSON; move the file away to start again") from None
     return records, text.endswith("\n")

@@ -747,8 +747,8 @@ def write_results(args: argparse.Namespace, scores: dict[tuple[str, str], float]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="RULER's synthetic tasks, generated offline and "
                                 "scored as RULER scores them.", formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluation.add_common_args(p, out_help="results folder (default: runs/ruler/<the model folder's or hub id's "
-                                "name>); finished parts are skipped on a rerun")
+    evaluation.add_common_args(p, out_help="results folder (RULER's layout, one folder per length); finished parts "
+                                "are skipped on a rerun")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
                    help=f"RULER tasks (default: all built here: {' '.join(TASKS)}; the paper's: "
                         f"{' '.join(PAPER_TASKS)})")
@@ -793,8 +793,6 @@ def validate(args: argparse.Namespace) -> None:
             raise EvalError(f"--write-data {args.write_data}: is a file, expected a folder")
         evaluation.check_positive(args, "batch_size")
     else:
-        if not args.out and args.model:
-            args.out = str(Path("runs") / "ruler" / Path(str(args.model).rstrip("/")).name)
         evaluation.check_common_args(args)
         if args.data_dir:
             if not Path(args.data_dir).is_dir():

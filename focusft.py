@@ -14,7 +14,7 @@ Read top to bottom, in the paper's order (section 3). Each optimizer step, for e
 differentiates the inner loss with respect to phi alone. `reference_focusft_loss` is the slow,
 obvious computation (the authors' way) that the tests hold the fast path to. Then the attention
 diagnostics, the optimisation (schedule, weight decay, global clip), and `train`, the loop; the
-machinery it calls (processes, DDP/FSDP2, checkpoints, exports, signals) is in training.py.
+machinery it calls (processes, DDP/FSDP2, checkpoints, exports, signals, reporting) is in training.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import random
@@ -39,17 +40,22 @@ import data
 import qwen2
 from qwen2 import FastWeights, LowRank, Qwen2ForCausalLM
 from training import (
+    REPORTERS,
     Processes,
     StopRequest,
+    TensorBoard,
+    WandB,
     all_reduce_sum,
     barrier,
     broadcast_str,
+    check_shared_out,
     export,
     fail,
     full_state,
     gathered,
     load_optimizer_state,
     micro_batch_forward,
+    open_report,
     parallelize,
     read_metrics,
     replicas_agree,
@@ -469,6 +475,7 @@ class Job:
     trainer_state: dict  # its trainer.json
     world: int = 1
     rank: int = 0
+    report: TensorBoard | WandB | None = None  # the --report-to writer, on rank 0 (training.open_report)
     _epoch: tuple[int, list[list[int]]] | None = None
 
     @property
@@ -518,15 +525,18 @@ def prepare(args: argparse.Namespace, procs: Processes) -> Job | None:
         if procs.main:
             print(f"{out} already holds this run, finished ({out / 'final'}): nothing to do")
         return None
+    config = {**vars(args), "world_size": procs.world}
+    up_to = trainer_state["step"] if ckpt else -1  # the last step logged that this run keeps
     try:
         if procs.main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps({**vars(args), "world_size": procs.world}, indent=2) + "\n")
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             # A resumed run rewrites the metrics the interrupted one logged after its checkpoint.
-            up_to = trainer_state["step"] if ckpt else -1
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged if r["step"] <= up_to))
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e.strerror or e})")
+    check_shared_out(out, procs)  # several nodes: one filesystem for the checkpoints
+    job.report = open_report(args.report_to, out, config, up_to + 1, procs)
     if procs.main:
         print(stats.summary())
     return job
@@ -671,6 +681,8 @@ def after_step(job: Job, state: TrainState, optimizer, stopping: bool, procs: Pr
         if procs.main:
             how = f"resume with the same command (with --out {out})" if saved else "the checkpoint could not be written"
             print(f"stopped by a signal after step {step}: {how}")
+        if job.report:
+            job.report.close()
         return True
     if a.ckpt_every and step % a.ckpt_every == 0 and step < job.total_steps:
         checkpoint(job, state, optimizer, procs)
@@ -709,6 +721,8 @@ def finish(job: Job, state: TrainState, optimizer, procs: Processes) -> None:
         skipped = f", {state.bad_steps} skipped non-finite step(s)" if state.bad_steps else ""
         print(f"done: {state.step} steps on {procs.world} process(es), {layout}{skipped}; checkpoint {final}, "
               f"metrics {job.out / 'metrics.jsonl'}")
+    if job.report:
+        job.report.close()
     barrier(procs)
 
 
@@ -731,6 +745,8 @@ def log(job: Job, row: dict, procs: Processes) -> None:
     if procs.main and row:
         with open(job.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if job.report:
+            job.report.log(row)
 
 
 def progress_bar(job: Job, step: int, procs: Processes):
@@ -829,6 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many consecutive optimizer steps with a non-finite loss or gradient")
     g.add_argument("--attn-every", type=int, default=0,
                    help="attention diagnostics every N steps (always at the start and the end; 0: only then)")
+    g.add_argument("--report-to", choices=("none", *REPORTERS), default="none",
+                   help="also log every metrics row (and the arguments) to TensorBoard, as event files in --out, "
+                        "or to Weights & Biases (WANDB_MODE=offline works without a network); the package is "
+                        "optional: pip install tensorboard, or wandb")
     return p
 
 
@@ -842,7 +862,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     bad = [unknown for unknown in args.targets if unknown not in TARGETS]
+    package = args.report_to  # tensorboard or wandb: the package's own name
     checks = [
+        (package != "none" and importlib.util.find_spec(package) is None,
+         f"--report-to {package}: the {package} package is not installed (pip install {package})"),
         (not args.data, "--data: give one or more JSONL/parquet files"),
         (bad, f"--targets: unknown projection(s) {', '.join(bad)}; choose from {', '.join(TARGETS)}"),
         (args.inner_lr <= 0, "--inner-lr must be > 0"),

@@ -1,6 +1,7 @@
 """The trainer's machinery, kept out of the training loop in focusft.py: the process group, data
 parallelism (DDP or FSDP2, set up in `parallelize`), training checkpoints and resuming, HF exports,
-signals, and one-line errors. Each is one call from `focusft.train`; nothing here knows the method.
+signals, one-line errors, and --report-to's TensorBoard and W&B writers. Each is one call from
+`focusft.train`; nothing here knows the method.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import random
 import shutil
 import signal
 import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +172,33 @@ def replicas_agree(model: nn.Module, procs: Processes) -> bool:
 def barrier(procs: Processes) -> None:
     if procs.world > 1:
         dist.barrier()
+
+
+# How long a rank looks for rank 0's marker in --out: a network filesystem may show another node's new file
+# only once its attribute cache expires (NFS: up to acdirmax, 60 s by default).
+SHARED_OUT_WAIT_S = 60.0
+
+
+def check_shared_out(out: Path, procs: Processes) -> None:
+    """Every rank writes its part of each training checkpoint into --out and reads the checkpoint back to
+    resume, so every rank must see the directory rank 0 made: on several nodes, one shared filesystem. A
+    rank that does not see rank 0's marker file there stops the run, before training, with one line."""
+    if procs.world == 1:
+        return
+    marker = out / f".shared-{broadcast_str(uuid.uuid4().hex, procs)}"
+    if procs.main:
+        marker.touch()
+    barrier(procs)
+    deadline = time.monotonic() + SHARED_OUT_WAIT_S
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    blind = all_reduce_sum([0.0 if marker.exists() else 1.0], procs)[0]  # also: every rank has looked
+    if procs.main:
+        marker.unlink()
+    if blind:
+        fail(f"--out {out}: {blind:.0f} of the {procs.world} processes do not see the directory rank 0 writes; "
+             f"every rank writes its part of each training checkpoint there, so on several nodes --out must be on "
+             f"a filesystem all of them share, at the same path")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -348,6 +378,91 @@ def fail(message: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
     sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting (--report-to): the metrics rows also go to TensorBoard or W&B, from rank 0 only
+
+def scalars(row: dict) -> dict[str, float]:
+    """A metrics.jsonl row as scalar tags: loss -> train/loss, attn_base: {sink_mass} -> attn_base/sink_mass.
+    The step is the x axis, not a tag; a skipped step's sample list is no scalar."""
+    tags = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            tags.update({f"{key}/{k}": v for k, v in value.items()})
+        elif isinstance(value, (int, float)) and key != "step":
+            tags[f"train/{key}"] = value
+    return tags
+
+
+class TensorBoard:
+    """Event files written into --out itself, so `tensorboard --logdir runs` shows each run under its name."""
+
+    def __init__(self, out: Path, config: dict, first_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard discards what an interrupted session logged from first_step on, which this
+        # resumed session logs again, so no step shows twice.
+        self.writer = SummaryWriter(str(out), purge_step=first_step)
+        self.writer.add_text("args", "    " + json.dumps(config, indent=2).replace("\n", "\n    "), first_step)
+
+    def log(self, row: dict) -> None:
+        for tag, value in scalars(row).items():
+            self.writer.add_scalar(tag, value, row["step"])
+        self.writer.flush()  # a killed run keeps every step it logged
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ReportError(Exception):  # a writer that cannot start; one line for the user
+    pass
+
+
+class WandB:
+    """One W&B run per --out: its id is kept in --out/wandb-run-id, so a resumed session continues it.
+    W&B's own variables apply (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE=offline, ...)."""
+
+    def __init__(self, out: Path, config: dict, first_step: int):
+        import wandb
+
+        id_file = out / "wandb-run-id"
+        run_id = id_file.read_text().strip() if first_step > 0 and id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        try:
+            # reinit: a run an earlier session in this process left open (it raised) is finished, not
+            # continued under this session's settings (W&B's default outside notebooks)
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "focusft"), name=out.name, id=run_id,
+                                  resume="allow", dir=str(out), config=config, reinit="finish_previous")
+        except wandb.errors.Error as e:
+            raise ReportError(f"--report-to wandb: {e} (WANDB_MODE=offline logs with no account or network)") from e
+
+    def log(self, row: dict) -> None:
+        # Online, a resumed W&B run starts after the last step it holds: the steps the interrupted session
+        # logged after its checkpoint are there already.
+        if row["step"] >= self.run.starting_step:
+            self.run.log(scalars(row), step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+REPORTERS = {"tensorboard": TensorBoard, "wandb": WandB}  # --report-to's choices, each the package it needs
+
+
+def open_report(kind: str, out: Path, config: dict, first_step: int, procs: Processes) -> TensorBoard | WandB | None:
+    """The --report-to writer on rank 0 (None on the others, and for none). first_step: the first step this
+    session logs (0, or the resumed checkpoint's step + 1). Every rank calls it: a failure stops them all."""
+    report, error = None, ""
+    if procs.main and kind != "none":
+        try:
+            report = REPORTERS[kind](out, config, first_step)
+        except ReportError as e:
+            error = str(e)
+    error = broadcast_str(error, procs)
+    if error:
+        fail(error)
+    return report
 
 
 def read_metrics(path: Path) -> list[dict]:

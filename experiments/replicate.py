@@ -14,7 +14,8 @@ Stages, each writing under --out and skipped on a rerun when its result is there
      main(), same data, steps and seeds; focusft.py logs the attention diagnostics into metrics.jsonl.
   3. eval: eval_babilong.py --synthetic at the training length and 2x, 4x, 8x it, every trained model.
   4. report: report.md + results.json (Wilson intervals, mean over seeds), figures/*.png (matplotlib,
-     optional: without it the figures are skipped with a note), a Figure-3-style attention map.
+     optional: without it the figures are skipped with a note): the training curves of the 2x2 runs by
+     scripts/plot_metrics.py, and a Figure-3-style attention map.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import data  # noqa: E402
 import eval_babilong  # noqa: E402
 import evaluation  # noqa: E402
 import focusft  # noqa: E402
+import plot_metrics  # noqa: E402
 import qwen2  # noqa: E402
 import synthetic  # noqa: E402
 
@@ -445,8 +447,9 @@ def tables(res: dict, size: Size) -> str:
     return "\n".join(lines)
 
 
-def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
-    """PNG figures in fig_dir; returns their names (none when matplotlib is missing)."""
+def figures(res: dict, size: Size, fig_dir: Path, maps: dict, curves: dict) -> list[str]:
+    """PNG figures in fig_dir; returns their names (none when matplotlib is missing). curves: each variant's
+    finished training runs' metrics rows, drawn by scripts/plot_metrics.py (training.png, diagnostics.png)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -488,22 +491,7 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
         fig.savefig(fig_dir / "accuracy.png", dpi=80)
         plt.close(fig)
         made.append("accuracy.png")
-    if res["diagnostics"]:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for v, (label, _) in VARIANTS.items():
-            runs = res["diagnostics"].get(v)
-            if not runs:
-                continue
-            steps = [r["step"] for r in runs[0]]
-            for ax, key in zip(axes, ("sink_mass", "context_engagement"), strict=True):
-                ax.plot(steps, [sum(r[i][key] for r in runs) / len(runs) for i in range(len(steps))], label=label)
-        axes[0].set(title="sink mass of response tokens", xlabel="step")
-        axes[1].set(title="context engagement", xlabel="step")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "diagnostics.png", dpi=80)
-        plt.close(fig)
-        made.append("diagnostics.png")
+    made += plot_metrics.plot(curves, fig_dir)  # each variant the mean over its seeds
     if maps:
         fig, axes = plt.subplots(1, len(maps), figsize=(4.5 * len(maps), 4))
         for ax, (label, m) in zip(axes if len(maps) > 1 else [axes], maps.items(), strict=True):
@@ -584,7 +572,10 @@ def write_report(out: Path, args: argparse.Namespace, argv: list[str], size, res
         final = runs[v, size.seeds[0]] / "final"
         if (final / "config.json").is_file():
             maps[VARIANTS[v][0]] = attention_map(final, sample)
-    made = figures(res, size, out / ("figures" + (f"-eval{suffix}" if suffix else "")), maps)
+    curves = {label: [focusft.read_metrics(runs[v, s] / "metrics.jsonl") for s in size.seeds
+                      if (runs[v, s] / "final" / "config.json").is_file()] for v, (label, _) in VARIANTS.items()}
+    made = figures(res, size, out / ("figures" + (f"-eval{suffix}" if suffix else "")), maps,
+                   {label: rows for label, rows in curves.items() if rows})
     note = ("" if made else "\n\nFigures skipped: matplotlib is not installed "
             "(`pip install -r experiments/requirements.txt`).")
     report = [f"# FocuSFT small replication ({size.name} size)", "",

@@ -252,8 +252,12 @@ def test_a_killed_run_resumes_inside_a_task_and_length(tiny_qwen, tmp_path, monk
     assert not (tmp_path / "2048" / "pred" / "vt.partial.jsonl").exists()
 
 
-def test_user_errors_are_one_line(tiny_qwen, tmp_path):
+def test_user_errors_are_one_line(tiny_qwen, tmp_path, monkeypatch):
     assert "unknown qa_1" in run_cli(["--model", tiny_qwen, "--out", tmp_path, "--tasks", "qa_1"])
+    monkeypatch.chdir(tmp_path)  # where a default --out would be written
+    # --out is required, as by the other three evaluators (8k: an error, not an evaluation, if it were not)
+    assert run_cli(["--model", tiny_qwen, "--tasks", "vt", "--lengths", "8k"]) == (
+        "eval_ruler.py: error: --out is required (the folder for predictions and results)")
     assert "--lengths 8k: longer than the model's context" in run_cli(
         ["--model", tiny_qwen, "--out", tmp_path, "--tasks", "vt", "--lengths", "8k"])
     assert "--lengths 4x" in run_cli(["--model", tiny_qwen, "--out", tmp_path, "--lengths", "4x"])

@@ -201,6 +201,21 @@ def test_metrics():
     assert g.majority(["B", "A", "A", "B"]) == "B" and g.majority([None]) is None
 
 
+def test_rollouts_file_keeps_unicode_line_separators_in_transcripts(tmp_path):
+    """json.dumps(ensure_ascii=False), as evaluate writes rollouts.jsonl, leaves U+2028, U+2029 and U+0085
+    unescaped; str.splitlines would break a line at each. Only "\\n" ends a record, and a cut last line
+    is still dropped."""
+    records = [{"id": "0", "rollout": k, "messages": [{"role": "assistant", "content": f"a{sep}b"}]}
+               for k, sep in enumerate(("\u2028", "\u2029", "\x85"))]
+    path = tmp_path / "rollouts.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    assert g.read_rollouts(path) == (records, True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"id": "1", "messages": "c\u2028')  # a line cut short by a kill
+    assert g.read_rollouts(path) == (records, False)
+
+
 def synthetic_items(path, n=3):
     rng = random.Random(0)
     with open(path, "w") as f:

@@ -39,7 +39,14 @@ def test_docs_are_linked_and_stay_inside_the_repository():
 SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "eval_gpqa.py": [[]],
            "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["check"]],
            "synthetic.py": [["write"]],
-           "scripts/gpu_check.py": [[]], "experiments/replicate.py": [[]]}
+           "scripts/gpu_check.py": [[]], "scripts/plot_metrics.py": [[]], "scripts/convert_gguf.py": [[]],
+           "experiments/replicate.py": [[]]}
+
+
+# Flags of the programs the docs run beside the scripts: torchrun's, SLURM's and TensorBoard's.
+OTHER_PROGRAMS_FLAGS = {"--nproc_per_node", "--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint",
+                        "--rdzv-id", "--rdzv-conf", "--nodes", "--ntasks-per-node", "--gpus-per-node",
+                        "--cpus-per-task", "--logdir"}
 
 
 def help_text(capsys, monkeypatch, script: str, sub: list[str]) -> str:
@@ -75,7 +82,7 @@ def test_every_flag_in_the_readme_exists(capsys, monkeypatch):
             if len(scripts) != 1:
                 continue
             for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", line):
-                if flag in ("--nproc_per_node",):  # torchrun's own
+                if flag in OTHER_PROGRAMS_FLAGS:
                     continue
                 assert flag in helps[scripts[0]], f"{name}: {scripts[0]} has no flag {flag}: {line.strip()}"
                 checked[name] += 1

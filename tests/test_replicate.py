@@ -59,7 +59,7 @@ def test_quick_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "## Protocol" in report and "Status: complete." in report and "FocuSFT" in report
     try:
         import matplotlib  # noqa: F401
-        figures = ["pretraining.png", "accuracy.png", "diagnostics.png", "attention_map.png"]
+        figures = ["pretraining.png", "accuracy.png", "training.png", "diagnostics.png", "attention_map.png"]
         assert all((out / "figures" / f).is_file() for f in figures)
     except ImportError:
         assert "Figures skipped: matplotlib is not installed" in report
@@ -80,7 +80,7 @@ def test_quick_runs_every_stage_and_resumes(tmp_path, capsys):
 def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert replicate.figures({"pretrain": {}, "accuracy": {}, "diagnostics": {}}, replicate.SIZES["quick"],
-                             tmp_path, {}) == []
+                             tmp_path, {}, {}) == []
 
 
 def test_sink_mass_of_uniform_attention_is_the_uniform_baseline():
