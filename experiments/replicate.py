@@ -3,6 +3,7 @@
     python experiments/replicate.py --out /tmp/replicate            # the full protocol (CPU, ~45 min at 2 cores)
     python experiments/replicate.py --out /tmp/replicate --quick    # the whole pipeline at toy size (~1 min)
     python experiments/replicate.py --out /tmp/replicate --device cuda   # the same recipe, larger, on a GPU
+    python experiments/replicate.py --base runs/smollm2   # no pretraining: a real checkpoint (experiments/real_base.py)
 
 Stages, each writing under --out and skipped on a rerun when its result is there (the command resumes):
   1. pretrain: a small Qwen2 (qwen2.py) and its own BPE (synthetic.train_tokenizer) trained from scratch on
@@ -522,6 +523,9 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", metavar="DIR",
+                   help="start from this pretrained checkpoint instead of pretraining: the pre-registered real-model "
+                        "protocol of experiments/real_base.py, which takes its own flags (see its --help)")
     p.add_argument("--out", required=True, help="output directory; a rerun skips every stage already done there")
     p.add_argument("--quick", action="store_true", help="toy sizes, the whole pipeline in about a minute (CI)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -691,6 +695,11 @@ def without_stages(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--base" or a.startswith("--base=") for a in argv):  # a real checkpoint: another protocol
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import real_base
+
+        return real_base.main(argv)
     args = parse_args(argv)
     threads = torch.get_num_threads()  # restored after: a caller's process (a test session) keeps its own
     try:
