@@ -14,8 +14,8 @@ finished tasks):
   budget  seconds per training step (Standard SFT, FocuSFT) and per generated answer at every evaluation length,
           measured on the base model, and the plan's projected CPU hours (budget.json);
   train   one run per variant and seed, through focusft.py's main (replicate.VARIANTS, the 2x2 table);
-  eval    one per model and length: eval_babilong.py --synthetic over the plan's tasks, the same samples for
-          every model (the base model included);
+  eval    one per model, length and task: eval_babilong.py --synthetic, the same samples for every model (the
+          base model included);
   report  report.md, results.json and figures/: accuracy with Wilson intervals, paired comparisons to Standard
           SFT (exact McNemar test, Newcombe's paired interval, a paired bootstrap for the primary endpoint), the
           wrong answers, every stage's CPU time, and the paper's claims row by row.
@@ -31,6 +31,7 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -64,16 +65,18 @@ STAGES = ("data", "budget", "train", "eval", "report")
 class Plan:
     name: str
     train_len: int = 1024  # tokens per training conversation (the base model's tokenizer)
-    steps: int = 120  # optimizer steps of one sample each: one epoch over `steps` conversations
-    lr: float = 3e-5
+    steps: int = 60  # optimizer steps of one sample each: one epoch over `steps` conversations
+    lr: float = 5e-5
     seeds: tuple[int, ...] = (0, 1, 2)  # Standard SFT and FocuSFT
     ablation_seeds: tuple[int, ...] = (0,)  # SFT + Bidir and Causal bilevel
     tasks: tuple[str, ...] = ("qa1", "qa2", "qa3")
     lengths: tuple[str, ...] = ("0k", "1k", "2k", "4k")
     primary: tuple[str, ...] = ("2k", "4k")  # the lengths beyond the training length
-    samples: int = 50  # per task and length
+    samples: int = 50  # per task and length: Standard SFT and FocuSFT at the primary lengths
+    side_samples: int = 10  # the first this many of them everywhere else (the base, the 1-seed variants, 0k, 1k)
+    batch: int = 8  # answers generated together (eval_babilong.py --batch-size)
     ckpt_every: int = 20  # training checkpoints, so a killed run loses at most this many steps (0: on a signal)
-    attn_every: int = 40  # focusft.py's attention diagnostics (0: at the start and the end only)
+    attn_every: int = 20  # focusft.py's attention diagnostics (0: at the start and the end only)
     budget_steps: int = 4  # training steps timed per kind (the first is left out: it warms up)
     budget_samples: int = 6  # answers timed per length
     bootstrap: int = 10000  # resamples of the primary endpoint's paired bootstrap
@@ -83,11 +86,14 @@ PLANS = {
     # Sized from budget.json (docs/replication/real-model-budget.json): see the pre-registration.
     "full": Plan("full"),
     "quick": Plan("quick", train_len=512, steps=2, seeds=(0,), tasks=("qa1",), lengths=("0k", "1k"), primary=("1k",),
-                  samples=2, ckpt_every=0, attn_every=0, budget_steps=2, budget_samples=1, bootstrap=200),
+                  samples=2, side_samples=1, ckpt_every=0, attn_every=0, budget_steps=2, budget_samples=1,
+                  bootstrap=200),
     # Not measured on a GPU: sized by the CPU figures and a GPU's usual 30-100x speed-up on this model.
-    "gpu": Plan("gpu", steps=400, ablation_seeds=(0, 1, 2), tasks=("qa1", "qa2", "qa3", "qa4", "qa5"),
-                lengths=("0k", "1k", "2k", "4k", "7168"), primary=("2k", "4k", "7168"), samples=100, ckpt_every=50,
-                attn_every=50),
+    # 7168, not 8k: the model's context is 8192 tokens, prompt included.
+    "gpu": Plan("gpu", steps=300, ablation_seeds=(0, 1, 2), tasks=("qa1", "qa2", "qa3", "qa4", "qa5"),
+                lengths=("0k", "1k", "2k", "4k", "7168"), primary=("2k", "4k", "7168"), samples=100,
+                side_samples=100, batch=32,
+                ckpt_every=50, attn_every=50),
 }
 
 
@@ -103,6 +109,12 @@ def models(plan: Plan) -> list[str]:
 
 def variant_of(model: str) -> str:
     return model if model == "base" else model.rsplit("-s", 1)[0]
+
+
+def samples_of(plan: Plan, model: str, length: str) -> int:
+    """Answers per task of a model at a length: the full count only where the primary endpoint needs it (sample i
+    depends only on i, so the side evaluations hold the first samples of the primary ones: the same samples)."""
+    return plan.samples if variant_of(model) in ("sft", "focusft") and length in plan.primary else plan.side_samples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,8 +155,14 @@ def pairs(correct: dict, first: list[str], second: list[str], cells: list[tuple[
     else:
         seed = lambda m: m.rsplit("-s", 1)[1]  # noqa: E731
         matched = [(x, y) for x in first for y in second if seed(x) == seed(y)]
+    n = {cell: common(correct, first + second, cell) for cell in cells}
     return [(r1, r2) for x, y in matched for cell in cells
-            for r1, r2 in zip(correct[x][cell], correct[y][cell], strict=True)]
+            for r1, r2 in zip(correct[x][cell][:n[cell]], correct[y][cell][:n[cell]], strict=True)]
+
+
+def common(correct: dict, runs: list[str], cell: tuple[str, str]) -> int:
+    """How many samples of a cell every run answered (the first ones)."""
+    return min(len(correct[r][cell]) for r in runs)
 
 
 def compare(correct: dict, first: list[str], second: list[str], cells: list[tuple[str, str]]) -> dict:
@@ -156,13 +174,13 @@ def compare(correct: dict, first: list[str], second: list[str], cells: list[tupl
             "only_second": c, "neither": d, "pairs": a + b + c + d}
 
 
-def mean_accuracy(correct: dict, runs: list[str], cells: list[tuple[str, str]], picks: dict | None = None) -> float:
-    """Mean over runs and cells of a cell's accuracy; `picks` (cell -> sample indices) resamples the samples."""
+def mean_accuracy(correct: dict, runs: list[str], cells: list[tuple[str, str]], picks: dict) -> float:
+    """Mean over runs and cells of a cell's accuracy on the samples `picks` (cell -> sample indices)."""
     total = 0.0
     for run in runs:
         for cell in cells:
             rows = correct[run][cell]
-            idx = picks[cell] if picks else range(len(rows))
+            idx = picks[cell]
             total += sum(rows[i] for i in idx) / len(idx)
     return total / (len(runs) * len(cells))
 
@@ -170,17 +188,17 @@ def mean_accuracy(correct: dict, runs: list[str], cells: list[tuple[str, str]], 
 def bootstrap_diff(correct: dict, first: list[str], second: list[str], cells: list[tuple[str, str]],
                    reps: int) -> tuple[float, float, float]:
     """Mean accuracy of `first` runs minus `second` runs, with a 95% percentile interval from resampling the
-    evaluation samples within each (task, length) cell, the same draw for both sides (paired)."""
+    evaluation samples within each (task, length) cell, the same draw for both sides (paired), on the samples
+    both sides answered."""
     rng = random.Random("real-base/bootstrap")
+    n = {cell: common(correct, first + second, cell) for cell in cells}
     diffs = []
     for _ in range(reps):
-        picks = {}
-        for cell in cells:
-            n = len(correct[first[0]][cell])
-            picks[cell] = [rng.randrange(n) for _ in range(n)]
+        picks = {cell: [rng.randrange(n[cell]) for _ in range(n[cell])] for cell in cells}
         diffs.append(mean_accuracy(correct, first, cells, picks) - mean_accuracy(correct, second, cells, picks))
     diffs.sort()
-    point = mean_accuracy(correct, first, cells) - mean_accuracy(correct, second, cells)
+    every = {cell: range(n[cell]) for cell in cells}
+    point = mean_accuracy(correct, first, cells, every) - mean_accuracy(correct, second, cells, every)
     return point, diffs[int(0.025 * reps)], diffs[min(reps - 1, int(0.975 * reps))]
 
 
@@ -253,14 +271,26 @@ def train_argv(out: Path, plan: Plan, base: Path, variant: str, seed: int, run: 
             "--keep", "1", "--seed", str(seed), "--device", device]
 
 
+def call_focusft(argv: list[str], log) -> None:
+    """focusft.py's main; its SIGINT/SIGTERM handlers (finish the step, checkpoint, exit 0) are put back after,
+    so Ctrl-C stops the evaluations that follow at once."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        replicate.call("focusft.py", focusft.main, argv, log)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def train(out: Path, plan: Plan, base: Path, model: str, device: str, log) -> bool:
     """One training run, unless finished; a stopped one resumes from its checkpoint. True when it ran."""
     run = out / "train" / model
     if (run / "final" / "config.json").is_file():
         return False
     variant, seed = variant_of(model), int(model.rsplit("-s", 1)[1])
-    replicate.call("focusft.py", focusft.main, train_argv(out, plan, base, variant, seed, run, device, plan.steps),
-                   log)
+    call_focusft(train_argv(out, plan, base, variant, seed, run, device, plan.steps), log)
+    if not (run / "final" / "config.json").is_file():  # stopped by a signal: focusft.py saved a checkpoint
+        raise KeyboardInterrupt
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # finished: final/ is what counts (a checkpoint is ~3x it)
     return True
 
@@ -272,63 +302,78 @@ def model_dir(out: Path, base: Path, model: str) -> Path:
 def eval_argv(model: Path, where: Path, plan: Plan, length: str, device: str, seed: int, samples: int,
               tasks: tuple[str, ...]) -> list[str]:
     return ["--model", str(model), "--synthetic", "--seed", str(seed), "--lengths", length, "--tasks", *tasks,
-            "--max-samples", str(samples), "--chat-template", "--device", device, "--out", str(where)]
+            "--max-samples", str(samples), "--batch-size", str(plan.batch), "--chat-template", "--device", device,
+            "--out", str(where)]
 
 
-def evaluate(out: Path, plan: Plan, base: Path, model: str, length: str, device: str, log) -> bool:
-    """One model at one length, all tasks, unless done (eval_babilong.py resumes after finished tasks)."""
-    where = out / "eval" / model / length
+def evaluate(out: Path, plan: Plan, base: Path, model: str, length: str, task: str, device: str, log) -> bool:
+    """One model at one length on one task, unless done. True when it ran."""
+    where = out / "eval" / model / length / task
     if (where / "results.json").is_file():
         return False
-    argv = eval_argv(model_dir(out, base, model), where, plan, length, device, EVAL_SEED, plan.samples, plan.tasks)
+    argv = eval_argv(model_dir(out, base, model), where, plan, length, device, EVAL_SEED,
+                     samples_of(plan, model, length), (task,))
     replicate.call("eval_babilong.py", eval_babilong.main, argv, log)
     return True
 
 
 def measure_budget(out: Path, plan: Plan, base: Path, device: str, log) -> dict:
-    """Seconds per training step (median after the first) and per answer, on this machine now, and the plan's
-    projected total; written to budget.json with the load average around each measurement."""
+    """Seconds per training step and per answer on this machine now, by the wall clock and in CPU time (this
+    process's, all threads), with the load average around each measurement; written to budget.json.
+
+    The machine is shared: the wall clock depends on what else runs, the CPU time much less, so the plan is
+    sized in CPU hours. A step's CPU time is its wall time (focusft.py's step_s, the median after the first
+    step, which warms up) times the share of a CPU the whole run got."""
     where = out / "budget"
-    result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "train_step_s": {},
-              "answer_s": {}, "loadavg": {}}
+    result = {"machine": machine(), "train_step_s": {}, "train_step_cpu_s": {}, "answer_s": {}, "answer_cpu_s": {},
+              "loadavg": {}}
+
+    def measured(fn) -> tuple[float, float, list]:
+        load, wall, cpu = os.getloadavg(), time.time(), time.process_time()
+        fn()
+        return time.time() - wall, time.process_time() - cpu, [load, os.getloadavg()]
+
     for variant in ("sft", "focusft"):
         run = where / f"train-{variant}"
         shutil.rmtree(run, ignore_errors=True)  # a stopped measurement is measured again, from the start
-        before = os.getloadavg()
-        replicate.call("focusft.py", focusft.main, train_argv(out, plan, base, variant, 0, run, device,
-                                                              plan.budget_steps), log)
+        argv = train_argv(out, plan, base, variant, 0, run, device, plan.budget_steps)
+        wall, cpu, result["loadavg"][f"train-{variant}"] = measured(lambda argv=argv: call_focusft(argv, log))
         steps = [r["step_s"] for r in focusft.read_metrics(run / "metrics.jsonl") if "step_s" in r]
         result["train_step_s"][variant] = statistics.median(steps[1:] or steps)
-        result["loadavg"][f"train-{variant}"] = [before, os.getloadavg()]
+        result["train_step_cpu_s"][variant] = result["train_step_s"][variant] * cpu / wall
         for heavy in ("final", "checkpoints"):  # only the timings are needed (metrics.jsonl stays)
             shutil.rmtree(run / heavy, ignore_errors=True)
     for length in plan.lengths:
         shutil.rmtree(where / f"eval-{length}", ignore_errors=True)  # else finished answers would be skipped
-        before, t = os.getloadavg(), time.time()
         argv = eval_argv(base, where / f"eval-{length}", plan, length, device, BUDGET_SEED, plan.budget_samples,
                          plan.tasks[:1])
-        replicate.call("eval_babilong.py", eval_babilong.main, argv, log)
-        result["answer_s"][length] = (time.time() - t) / plan.budget_samples  # model loading included
-        result["loadavg"][f"eval-{length}"] = [before, os.getloadavg()]
-    result["projection"] = project(plan, result)
+        wall, cpu, result["loadavg"][f"eval-{length}"] = measured(
+            lambda argv=argv: replicate.call("eval_babilong.py", eval_babilong.main, argv, log))
+        result["answer_s"][length] = wall / plan.budget_samples  # model loading included
+        result["answer_cpu_s"][length] = cpu / plan.budget_samples
     evaluation.write_json(out / "budget.json", result)
     return result
 
 
 def project(plan: Plan, budget: dict) -> dict:
-    """Projected seconds of every stage of `plan` from measured step and answer times."""
+    """Projected CPU seconds of every stage of `plan` from the measured CPU time per step and per answer, the
+    totals in CPU hours, and the wall-clock hours at the share of a CPU the measurements got."""
     stages = {}
     for model in models(plan)[1:]:
         kind = "sft" if variant_of(model) in ("sft", "sft-bidir") else "focusft"
-        stages[f"train/{model}"] = plan.steps * budget["train_step_s"][kind]
+        stages[f"train/{model}"] = plan.steps * budget["train_step_cpu_s"][kind]
     for model in models(plan):
         for length in plan.lengths:
-            stages[f"eval/{model}/{length}"] = len(plan.tasks) * plan.samples * budget["answer_s"][length]
+            for task in plan.tasks:
+                answers = samples_of(plan, model, length)
+                stages[f"eval/{model}/{length}/{task}"] = answers * budget["answer_cpu_s"][length]
     train_s = sum(v for k, v in stages.items() if k.startswith("train/"))
     eval_s = sum(v for k, v in stages.items() if k.startswith("eval/"))
-    return {"stages_s": stages, "train_h": train_s / 3600, "eval_h": eval_s / 3600,
-            "total_h": (train_s + eval_s) / 3600, "longest_stage": max(stages, key=stages.get),
-            "longest_stage_h": max(stages.values()) / 3600}
+    walls = [budget["train_step_s"][k] / budget["train_step_cpu_s"][k] for k in budget["train_step_s"]]
+    walls += [budget["answer_s"][n] / budget["answer_cpu_s"][n] for n in budget["answer_s"]]
+    return {"cpu_s": stages, "train_cpu_h": train_s / 3600, "eval_cpu_h": eval_s / 3600,
+            "total_cpu_h": (train_s + eval_s) / 3600, "wall_per_cpu": statistics.mean(walls),
+            "longest_stage": max(stages, key=stages.get), "longest_stage_cpu_h": max(stages.values()) / 3600}
 
 
 def machine() -> str:
@@ -342,15 +387,15 @@ def machine() -> str:
 
 def load_eval(out: Path, plan: Plan) -> tuple[dict, dict, list[str]]:
     """correct[model][(task, length)] = per-sample booleans, outputs[model][(task, length)] = the rows, and the
-    (model, length) evaluations not finished yet."""
+    evaluations not finished yet."""
     correct, outputs, missing = {}, {}, []
     for model in models(plan):
         for length in plan.lengths:
-            where = out / "eval" / model / length
-            if not (where / "results.json").is_file():
-                missing.append(f"{model}/{length}")
-                continue
             for task in plan.tasks:
+                where = out / "eval" / model / length / task
+                if not (where / "results.json").is_file():
+                    missing.append(f"{model}/{length}/{task}")
+                    continue
                 rows = eval_babilong.read_predictions(next(where.glob(f"{task}_{length}_*.csv")))
                 outputs.setdefault(model, {})[task, length] = rows
                 correct.setdefault(model, {})[task, length] = [
@@ -576,7 +621,7 @@ def write_report(out: Path, plan: Plan, argv: list[str], times: dict, log) -> di
     if res["versus_sft"]:
         lines += ["", "## Paired comparisons to Standard SFT, points [95% Newcombe], exact McNemar p", "",
                   "Same samples; runs matched by seed, a single model against every run of the other side.", "",
-                  "| variant | " + " | ".join(plan.lengths) + f" | {'+'.join(plan.primary)} |",
+                  "| variant | " + " | ".join(plan.lengths) + f" | beyond: {' + '.join(plan.primary)} |",
                   "| --- |" + " --- |" * (len(plan.lengths) + 1)]
         for v, comp in res["versus_sft"].items():
             cells = [f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.0f}, {100 * c['hi']:+.0f}] p={c['p_mcnemar']:.2g}"
@@ -593,7 +638,7 @@ def write_report(out: Path, plan: Plan, argv: list[str], times: dict, log) -> di
     for key, t in times.items():
         lines.append(f"| {key} | {t['wall_s'] / 60:.1f} | {t['cpu_s'] / 60:.1f} | {t['load'][0]:.1f} | {t['runs']} |")
     total = sum(t["cpu_s"] for t in times.values()) / 3600
-    projected = f" (projected before the run: {budget['projection']['total_h']:.2f} h)" if budget else ""
+    projected = f" (projected before the run: {budget['projection']['total_cpu_h']:.2f} h)" if budget else ""
     lines.append(f"\nTotal CPU time: {total:.2f} h{projected}")
     made = figures(res, plan, out / "figures")
     lines += [f"\n![{m}](figures/{m})" for m in made] or ["", "Figures skipped: matplotlib is not installed."]
@@ -672,18 +717,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
         timed("data", lambda: write_data(out, plan, tok, log))
     if not (out / "train.jsonl").is_file() and {"budget", "train"} & set(args.stages):
         raise RealBaseError(f"--out {out}: no train.jsonl yet; run the data stage first")
-    if "budget" in args.stages and not (out / "budget.json").is_file():
-        timed("budget", lambda: measure_budget(out, plan, base, args.device, log))
-        proj = json.loads((out / "budget.json").read_text())["projection"]
-        log(f"budget: the plan projects {proj['total_h']:.2f} CPU hours (train {proj['train_h']:.2f}, eval "
-            f"{proj['eval_h']:.2f}); longest stage {proj['longest_stage']} {proj['longest_stage_h']:.2f} h")
+    if "budget" in args.stages:
+        if not (out / "budget.json").is_file():
+            timed("budget", lambda: measure_budget(out, plan, base, args.device, log))
+        budget = json.loads((out / "budget.json").read_text())
+        budget["projection"] = proj = project(plan, budget)  # measured once; projected for the plan run now
+        evaluation.write_json(out / "budget.json", budget)
+        log(f"budget: the plan projects {proj['total_cpu_h']:.2f} CPU hours (train {proj['train_cpu_h']:.2f}, eval "
+            f"{proj['eval_cpu_h']:.2f}), {proj['total_cpu_h'] * proj['wall_per_cpu']:.1f} hours of wall clock at the "
+            f"load measured; longest stage {proj['longest_stage']}, {proj['longest_stage_cpu_h']:.2f} CPU hours")
     for model in models(plan):
         if "train" in args.stages and model != "base":
             timed(f"train/{model}", lambda model=model: train(out, plan, base, model, args.device, log))
         if "eval" in args.stages and (model == "base" or (out / "train" / model / "final" / "config.json").is_file()):
             for length in plan.lengths:
-                timed(f"eval/{model}/{length}",
-                      lambda model=model, length=length: evaluate(out, plan, base, model, length, args.device, log))
+                for task in plan.tasks:
+                    timed(f"eval/{model}/{length}/{task}", lambda model=model, length=length, task=task:
+                          evaluate(out, plan, base, model, length, task, args.device, log))
     result = write_report(out, plan, argv, times, log) if "report" in args.stages else None
     logfile.close()
     return result

@@ -85,10 +85,10 @@ def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys)
         "Standard SFT barely moves the base model", "SFT + Bidir alone hurts",
         "Causal bilevel carries most of the gain"]
     budget = json.loads((out / "budget.json").read_text())
-    assert set(budget["train_step_s"]) == {"sft", "focusft"} and budget["projection"]["total_h"] > 0
+    assert set(budget["train_step_s"]) == {"sft", "focusft"} and budget["projection"]["total_cpu_h"] > 0
     assert set(budget["answer_s"]) == set(real_base.PLANS["quick"].lengths)
     times = json.loads((out / "times.json").read_text())
-    assert {"data", "budget", "train/sft-s0", "eval/base/0k", "eval/focusft-s0/1k"} <= set(times)
+    assert {"data", "budget", "train/sft-s0", "eval/base/0k/qa1", "eval/focusft-s0/1k/qa1"} <= set(times)
     report = (out / "report.md").read_text()
     assert "Status: complete." in report and "## Primary endpoint" in report and "## The paper's claims" in report
     # A rerun finds every stage done: nothing is trained or evaluated again.
