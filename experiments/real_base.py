@@ -53,7 +53,6 @@ import evaluation  # noqa: E402
 import focusft  # noqa: E402
 import synthetic  # noqa: E402
 
-PROG = "experiments/replicate.py --base"
 VARIANTS = replicate.VARIANTS  # the 2x2 table: name -> (label, focusft.py flags)
 EVAL_SEED = 0  # eval_babilong.py --synthetic --seed: the evaluation's stories
 BUDGET_SEED = 1  # the budget's generation timing runs on other stories, so it shows no evaluation answer
@@ -95,10 +94,6 @@ PLANS = {
                 side_samples=100, batch=32,
                 ckpt_every=50, attn_every=50),
 }
-
-
-class RealBaseError(Exception):
-    """A problem reported in one line."""
 
 
 def models(plan: Plan) -> list[str]:
@@ -548,45 +543,41 @@ def diagnostics(out: Path, res: dict) -> list[str]:
 def figures(res: dict, plan: Plan, fig_dir: Path) -> list[str]:
     """accuracy.png (mean over tasks vs length, per variant) and effects.png (each variant minus Standard SFT,
     paired); none without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # optional: experiments/requirements.txt
+        from matplotlib import pyplot as plt
     except ImportError:
         return []
+    plt.switch_backend("Agg")  # files only, no display
     fig_dir.mkdir(parents=True, exist_ok=True)
-    made = []
-    x = range(len(plan.lengths))
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for k, (v, acc) in enumerate(res["accuracy"].items()):
-        ps = [acc[f"mean/{n}"] for n in plan.lengths]
-        y = [100 * c / t for c, t in ps]
-        lo = [100 * (c / t - replicate.wilson(c, t)[0]) for c, t in ps]
-        hi = [100 * (replicate.wilson(c, t)[1] - c / t) for c, t in ps]
-        ax.errorbar([i + (k - 2) * 0.05 for i in x], y, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[v])
-    ax.set_xticks(list(x), plan.lengths)
-    ax.set(xlabel="context length", ylabel="accuracy, % (95% Wilson)",
-           title=f"synthetic BABILong {', '.join(plan.tasks)}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "accuracy.png", dpi=80)
-    plt.close(fig)
-    made.append("accuracy.png")
-    if res["versus_sft"]:
+
+    def chart(name: str, series: dict, ylabel: str, title: str) -> str:
+        """Points with asymmetric error bars over the lengths: series is label -> (y, below, above)."""
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for k, (v, comp) in enumerate(res["versus_sft"].items()):
-            y = [100 * comp[n]["diff"] for n in plan.lengths]
-            err = [[100 * (comp[n]["diff"] - comp[n]["lo"]) for n in plan.lengths],
-                   [100 * (comp[n]["hi"] - comp[n]["diff"]) for n in plan.lengths]]
-            ax.errorbar([i + (k - 1.5) * 0.06 for i in x], y, yerr=err, marker="o", capsize=3, label=LABELS[v])
+        for k, (label, (y, below, above)) in enumerate(series.items()):
+            shift = (k - (len(series) - 1) / 2) * 0.05  # side by side, so the bars do not hide each other
+            ax.errorbar([i + shift for i in range(len(y))], y, yerr=[below, above], marker="o", capsize=3,
+                        label=label)
         ax.axhline(0, color="grey", lw=1, ls=":")
-        ax.set_xticks(list(x), plan.lengths)
-        ax.set(xlabel="context length", ylabel="minus Standard SFT, points", title="2x2 effects (paired, 95% Newcombe)")
+        ax.set_xticks(range(len(plan.lengths)), plan.lengths)
+        ax.set(xlabel="context length", ylabel=ylabel, title=title)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(fig_dir / "effects.png", dpi=80)
+        fig.savefig(fig_dir / name, dpi=80)
         plt.close(fig)
-        made.append("effects.png")
+        return name
+
+    accuracy = {}
+    for v, acc in res["accuracy"].items():
+        cells = [(acc[f"mean/{n}"], replicate.wilson(*acc[f"mean/{n}"])) for n in plan.lengths]
+        accuracy[LABELS[v]] = ([100 * c / t for (c, t), _ in cells], [100 * (c / t - lo) for (c, t), (lo, _) in cells],
+                               [100 * (hi - c / t) for (c, t), (_, hi) in cells])
+    made = [chart("accuracy.png", accuracy, "accuracy, % (95% Wilson)", f"synthetic BABILong {', '.join(plan.tasks)}")]
+    if res["versus_sft"]:
+        effects = {LABELS[v]: ([100 * comp[n]["diff"] for n in plan.lengths],
+                               [100 * (comp[n]["diff"] - comp[n]["lo"]) for n in plan.lengths],
+                               [100 * (comp[n]["hi"] - comp[n]["diff"]) for n in plan.lengths])
+                   for v, comp in res["versus_sft"].items()}
+        made.append(chart("effects.png", effects, "minus Standard SFT, points", "2x2 effects (paired, 95% Newcombe)"))
     return made
 
 
@@ -670,12 +661,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                    help="stages to run (default: all); each needs the data stage's train.jsonl")
     args = p.parse_args(argv)
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1 (got {args.threads})")
-    if args.quick and args.device == "cuda":
-        p.error("--quick and --device cuda: choose one plan")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device visible to torch")
+    replicate.check_machine_flags(p, args)
     if not (Path(args.base) / "config.json").is_file():
         p.error(f"--base {args.base}: no config.json there (convert one with scripts/convert_gguf.py)")
     return args
@@ -688,7 +674,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"plan": json.loads(json.dumps(asdict(plan))), "base": str(base), "device": args.device}
     if (out / "settings.json").is_file() and json.loads((out / "settings.json").read_text()) != settings:
-        raise RealBaseError(f"--out {out}: holds a run of another plan or base ({out / 'settings.json'}); "
+        raise replicate.ReplicationError(f"--out {out}: holds a run of another plan or base ({out / 'settings.json'}); "
                             "use another --out")
     evaluation.write_json(out / "settings.json", settings)
     torch.set_num_threads(args.threads)
@@ -716,7 +702,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
     if "data" in args.stages:
         timed("data", lambda: write_data(out, plan, tok, log))
     if not (out / "train.jsonl").is_file() and {"budget", "train"} & set(args.stages):
-        raise RealBaseError(f"--out {out}: no train.jsonl yet; run the data stage first")
+        raise replicate.ReplicationError(f"--out {out}: no train.jsonl yet; run the data stage first")
     if "budget" in args.stages:
         if not (out / "budget.json").is_file():
             timed("budget", lambda: measure_budget(out, plan, base, args.device, log))
@@ -741,17 +727,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    threads = torch.get_num_threads()  # restored after: a caller's process (a test session) keeps its own
-    try:
-        run(args, argv)
-    except (RealBaseError, replicate.ReplicationError, data.DataError) as e:
-        sys.exit(f"{PROG}: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"{PROG}: interrupted; the same command resumes")
-    finally:
-        torch.set_num_threads(threads)
-    return 0
+    return replicate.guarded(run, parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -547,13 +547,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("eval_samples", "sft_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    check_machine_flags(p, args)
+    return args
+
+
+def check_machine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--threads, --quick and --device, as this script and experiments/real_base.py take them."""
     if args.threads < 1:
         p.error(f"--threads must be >= 1 (got {args.threads})")
     if args.quick and args.device == "cuda":
         p.error("--quick and --device cuda: choose one size")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible to torch")
-    return args
 
 
 def collect(runs: dict, eval_dir: Path, size) -> tuple[dict, dict, list[str]]:
@@ -693,17 +698,11 @@ def without_stages(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a == "--base" or a.startswith("--base=") for a in argv):  # a real checkpoint: another protocol
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import real_base
-
-        return real_base.main(argv)
-    args = parse_args(argv)
-    threads = torch.get_num_threads()  # restored after: a caller's process (a test session) keeps its own
+def guarded(run, args: argparse.Namespace, argv: list[str]) -> int:
+    """run(args, argv) with a user's problem in one line and the caller's torch threads kept (a test session)."""
+    threads = torch.get_num_threads()
     try:
-        replicate(args, argv)
+        run(args, argv)
     except (ReplicationError, data.DataError) as e:
         sys.exit(f"{PROG}: error: {e}")
     except KeyboardInterrupt:
@@ -711,6 +710,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--base" or a.startswith("--base=") for a in argv):  # a real checkpoint: another protocol
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import real_base
+
+        return real_base.main(argv)
+    return guarded(replicate, parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,11 @@ def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys)
     assert {"data", "budget", "train/sft-s0", "eval/base/0k/qa1", "eval/focusft-s0/1k/qa1"} <= set(times)
     report = (out / "report.md").read_text()
     assert "Status: complete." in report and "## Primary endpoint" in report and "## The paper's claims" in report
+    try:
+        import matplotlib  # noqa: F401
+        assert all((out / "figures" / f).is_file() for f in ("accuracy.png", "effects.png"))
+    except ImportError:
+        assert "Figures skipped" in report
     # A rerun finds every stage done: nothing is trained or evaluated again.
     capsys.readouterr()
     assert replicate.main(["--base", str(tiny.model), "--quick", "--out", str(out)]) == 0
