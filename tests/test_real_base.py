@@ -72,6 +72,20 @@ def test_the_real_evaluation_stories_never_reach_the_training_data():
     assert (sample["question"], sample["target"]) == (question, answer) and sample["input"] == " ".join(facts)
 
 
+def test_a_training_run_stopped_by_a_signal_stops_the_protocol(tiny, tmp_path, monkeypatch):
+    import signal
+
+    def stopped(argv):  # focusft.py after a SIGINT: its own handler installed, a checkpoint, exit 0, no final/
+        signal.signal(signal.SIGINT, lambda *_: None)
+        return 0
+
+    mine = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(real_base.focusft, "main", stopped)
+    with pytest.raises(KeyboardInterrupt):  # replicate.guarded turns it into "interrupted; the same command resumes"
+        real_base.train(tmp_path, real_base.PLANS["quick"], tiny.model, "sft-s0", "cpu", print)
+    assert signal.getsignal(signal.SIGINT) is mine  # Ctrl-C works again in the evaluations that would follow
+
+
 @pytest.mark.slow
 def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "real"
