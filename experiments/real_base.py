@@ -1,14 +1,14 @@
 """The paper's 2x2 table on a real pretrained checkpoint, pre-registered in
 docs/replication/real-model-preregistration.md (issue 25). Run through replicate.py:
 
-    python experiments/replicate.py --base runs/smollm2                 # the full protocol (~11 CPU hours, resumable)
+    python experiments/replicate.py --base runs/smollm2                 # the full protocol (12 CPU hours, resumable)
     python experiments/replicate.py --base runs/smollm2 --quick         # every stage at toy size (a few minutes)
     python experiments/replicate.py --base runs/smollm2 --device cuda   # a larger plan for one GPU (unmeasured)
     python experiments/replicate.py --base runs/smollm2 --stages data budget   # only measure this machine
 
 No pretraining: the base model is the checkpoint. Stages, each writing under --out and skipped on a rerun when
-its result is there; a stopped one resumes (focusft.py from its last checkpoint, eval_babilong.py after its
-finished tasks):
+its result is there (a training run stopped midway resumes from its last checkpoint; an evaluation stage, one
+task at one length, starts over):
   data    train.jsonl: agentic conversations (synthetic.synthetic_conversation) whose answers need facts hidden
           in the tool outputs, drawn from their own seeds, and none holding a story the evaluation asks about;
   budget  seconds per training step (Standard SFT, FocuSFT) and per generated answer at every evaluation length,
@@ -91,8 +91,7 @@ PLANS = {
     # 7168, not 8k: the model's context is 8192 tokens, prompt included.
     "gpu": Plan("gpu", steps=300, ablation_seeds=(0, 1, 2), tasks=("qa1", "qa2", "qa3", "qa4", "qa5"),
                 lengths=("0k", "1k", "2k", "4k", "7168"), primary=("2k", "4k", "7168"), samples=100,
-                side_samples=100, batch=32,
-                ckpt_every=50, attn_every=50),
+                side_samples=100, batch=32, ckpt_every=50, attn_every=50),
 }
 
 
@@ -411,16 +410,16 @@ def analyse(correct: dict, plan: Plan) -> dict:
     """Every number of the report from per-sample correctness."""
     runs = {v: runs_of(correct, plan, v) for v in LABELS}
     runs = {v: r for v, r in runs.items() if r}
-    res = {"runs": runs, "accuracy": {}, "versus_sft": {}, "primary": None, "secondary": {}}
+    res = {"runs": runs, "accuracy": {}, "per_run": {}, "versus_sft": {}, "primary": None}
+
+    def counts(rs: list[str], tasks: tuple[str, ...], length: str) -> list[int]:
+        return [sum(sum(correct[r][t, length]) for r in rs for t in tasks),
+                sum(len(correct[r][t, length]) for r in rs for t in tasks)]
+
     for v, rs in runs.items():
-        acc = {}
-        for length in plan.lengths:
-            for task in (*plan.tasks, "mean"):
-                tasks = plan.tasks if task == "mean" else (task,)
-                c = sum(sum(correct[r][t, length]) for r in rs for t in tasks)
-                n = sum(len(correct[r][t, length]) for r in rs for t in tasks)
-                acc[f"{task}/{length}"] = [c, n]
-        res["accuracy"][v] = acc
+        res["accuracy"][v] = {f"{task}/{length}": counts(rs, plan.tasks if task == "mean" else (task,), length)
+                              for length in plan.lengths for task in (*plan.tasks, "mean")}
+        res["per_run"].update({r: {n: counts([r], plan.tasks, n) for n in plan.lengths} for r in rs})
     if "sft" not in runs:
         return res
     for v, rs in runs.items():
@@ -438,9 +437,9 @@ def analyse(correct: dict, plan: Plan) -> dict:
     return res
 
 
-def verdict(lo: float, hi: float, low: float = 0.0, high: float = 0.0) -> str:
-    """'supported' when the interval lies above `low`, 'contradicted' below `high`, else 'inconclusive'."""
-    return "supported" if lo > low else "contradicted" if hi < high else "inconclusive"
+def verdict(lo: float, hi: float) -> str:
+    """'supported' when the interval lies above 0, 'contradicted' below it, else 'inconclusive'."""
+    return "supported" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
 
 
 def claims(res: dict, plan: Plan) -> list[tuple[str, str, str]]:
@@ -593,11 +592,15 @@ def write_report(out: Path, plan: Plan, argv: list[str], times: dict, log) -> di
              "Status: complete." if not missing else
              f"Status: PARTIAL -- not evaluated yet: {', '.join(missing)} (the same command resumes).", "",
              "## Accuracy, % [95% Wilson], pooled over seeds", "",
-             "| variant | task | " + " | ".join(plan.lengths) + " |", "| --- | --- |" + " --- |" * len(plan.lengths)]
+             "| variant (runs) | task | " + " | ".join(plan.lengths) + " |",
+             "| --- | --- |" + " --- |" * len(plan.lengths)]
     for v, acc in res["accuracy"].items():
         for task in (*plan.tasks, "mean"):
             cells = [fmt(*acc[f"{task}/{n}"]) for n in plan.lengths]
             lines.append(f"| {LABELS[v]} ({len(res['runs'][v])}) | {task} | " + " | ".join(cells) + " |")
+    lines += ["", "Per run, mean over the tasks:", "", "| run | " + " | ".join(plan.lengths) + " |",
+              "| --- |" + " --- |" * len(plan.lengths)]
+    lines += [f"| {r} | " + " | ".join(fmt(*acc[n]) for n in plan.lengths) + " |" for r, acc in res["per_run"].items()]
     if res["primary"]:
         d, lo, hi = res["primary"]["bootstrap"]
         m = res["primary"]["mcnemar"]
