@@ -400,11 +400,16 @@ class SyntheticData(DataSource):
         self.check([(task, length)])
         out = []
         for i in range(self.count):
-            rng = random.Random(f"babilong-synthetic/{self.seed}/{task}/{length}/{i}")
+            rng = self.story_rng(task, length, i)
             facts, question, answer = synthetic.babi_story(rng, task)
             text = synthetic.haystack(rng, facts, length_tokens(length), count_tokens)  # '0k': the facts alone
             out.append({"input": text, "question": question, "target": answer})
         return out
+
+    def story_rng(self, task: str, length: str, i: int) -> random.Random:
+        """The generator of sample i: its first draw is the story (synthetic.babi_story), then the filler. A
+        training set can so check that it holds none of the evaluation's stories (experiments/real_base.py)."""
+        return random.Random(f"babilong-synthetic/{self.seed}/{task}/{length}/{i}")
 
     def describe(self):
         return {"synthetic": True, "seed": self.seed}

@@ -3,6 +3,7 @@
     python experiments/replicate.py --out /tmp/replicate            # the full protocol (CPU, ~45 min at 2 cores)
     python experiments/replicate.py --out /tmp/replicate --quick    # the whole pipeline at toy size (~1 min)
     python experiments/replicate.py --out /tmp/replicate --device cuda   # the same recipe, larger, on a GPU
+    python experiments/replicate.py --base runs/smollm2   # no pretraining: a real checkpoint (experiments/real_base.py)
 
 Stages, each writing under --out and skipped on a rerun when its result is there (the command resumes):
   1. pretrain: a small Qwen2 (qwen2.py) and its own BPE (synthetic.train_tokenizer) trained from scratch on
@@ -510,6 +511,9 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict, curves: dict) -> l
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", metavar="DIR",
+                   help="start from this pretrained checkpoint instead of pretraining: the pre-registered real-model "
+                        "protocol of experiments/real_base.py, which takes its own flags (see its --help)")
     p.add_argument("--out", required=True, help="output directory; a rerun skips every stage already done there")
     p.add_argument("--quick", action="store_true", help="toy sizes, the whole pipeline in about a minute (CI)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -531,13 +535,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("eval_samples", "sft_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    check_machine_flags(p, args)
+    return args
+
+
+def check_machine_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--threads, --quick and --device, as this script and experiments/real_base.py take them."""
     if args.threads < 1:
         p.error(f"--threads must be >= 1 (got {args.threads})")
     if args.quick and args.device == "cuda":
         p.error("--quick and --device cuda: choose one size")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible to torch")
-    return args
 
 
 def collect(runs: dict, eval_dir: Path, size) -> tuple[dict, dict, list[str]]:
@@ -680,12 +689,11 @@ def without_stages(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    threads = torch.get_num_threads()  # restored after: a caller's process (a test session) keeps its own
+def guarded(run, args: argparse.Namespace, argv: list[str]) -> int:
+    """run(args, argv) with a user's problem in one line and the caller's torch threads kept (a test session)."""
+    threads = torch.get_num_threads()
     try:
-        replicate(args, argv)
+        run(args, argv)
     except (ReplicationError, data.DataError) as e:
         sys.exit(f"{PROG}: error: {e}")
     except KeyboardInterrupt:
@@ -693,6 +701,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--base" or a.startswith("--base=") for a in argv):  # a real checkpoint: another protocol
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import real_base
+
+        return real_base.main(argv)
+    return guarded(replicate, parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""experiments/real_base.py (replicate.py --base): its paired statistics, the training data's separation from
+the evaluation, and --quick end to end on the tiny random model (every stage, then a rerun that does nothing)."""
+
+import json
+import random
+import sys
+
+import pytest
+from conftest import ROOT, cli_error
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import real_base  # noqa: E402
+import replicate  # noqa: E402
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_test():
+    assert real_base.mcnemar_exact(5, 0) == pytest.approx(2 / 2 ** 5)
+    assert real_base.mcnemar_exact(0, 5) == real_base.mcnemar_exact(5, 0)
+    assert real_base.mcnemar_exact(3, 3) == 1.0 and real_base.mcnemar_exact(0, 0) == 1.0
+    assert real_base.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 2 ** 12)
+
+
+def test_paired_interval_without_correlation_is_newcombes_unpaired_one():
+    # ad - bc = 0: phi is 0 and the interval is the square-and-add of the two Wilson intervals.
+    assert real_base.paired_interval(3, 6, 2, 4) == pytest.approx(replicate.diff_interval(9, 15, 5, 15))
+    # Positively correlated outcomes (the usual case of two models on one set of samples) narrow it.
+    d, lo, hi = real_base.paired_interval(40, 8, 2, 50)
+    d0, lo0, hi0 = replicate.diff_interval(48, 100, 42, 100)
+    assert d == pytest.approx(d0) and lo0 < lo < d < hi < hi0
+
+
+def test_pairs_match_runs_by_seed_and_a_single_model_with_every_run():
+    cell = ("qa1", "1k")
+    correct = {"base": {cell: [True, False]}, "sft-s0": {cell: [True, True]}, "sft-s1": {cell: [False, False]},
+               "focusft-s0": {cell: [False, True]}, "focusft-s1": {cell: [True, False]}}
+    assert real_base.pairs(correct, ["focusft-s0", "focusft-s1"], ["sft-s0", "sft-s1"], [cell]) == [
+        (False, True), (True, True), (True, False), (False, False)]
+    assert len(real_base.pairs(correct, ["base"], ["sft-s0", "sft-s1"], [cell])) == 4
+    same = real_base.bootstrap_diff(correct, ["sft-s0"], ["sft-s0"], [cell], 50)
+    assert same == (0.0, 0.0, 0.0)
+
+
+def test_training_data_leaves_out_the_evaluations_stories(tiny, tmp_path, monkeypatch):
+    plan = real_base.PLANS["quick"]
+    count = lambda text: len(tiny.tokenizer.encode(text).ids)  # noqa: E731
+    first = real_base.synthetic.synthetic_conversation(random.Random(f"{real_base.TRAIN_SEED}/0"), 512, count)
+    # A story the first conversation holds: its question, and a sentence of its logs as the facts.
+    question = first["messages"][1]["content"].split("answer: ")[-1]
+    logs = [m["content"] for m in first["messages"] if m["role"] == "tool"]
+    facts = [logs[0].split(". ")[0] + "."]
+    assert real_base.holds_story(first, facts, question)
+    assert not real_base.holds_story(first, facts, "Where is nobody?")
+    assert not real_base.holds_story(first, [*facts, "The sentence that is in no log."], question)
+    # Pretend the evaluation asks about it: the data stage must skip it and draw one more.
+    monkeypatch.setattr(real_base, "eval_stories", lambda plan: [(facts, question)])
+    assert real_base.write_data(tmp_path, plan, tiny.tokenizer, print)
+    record = json.loads((tmp_path / "data.json").read_text())
+    assert record["skipped_holding_an_evaluation_story"] == [0] and record["records"] == plan.steps
+    kept = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert first not in kept and len(kept) == plan.steps
+    assert not real_base.write_data(tmp_path, plan, tiny.tokenizer, print)  # done: a rerun writes nothing
+
+
+def test_the_real_evaluation_stories_never_reach_the_training_data():
+    plan = real_base.PLANS["full"]
+    stories = real_base.eval_stories(plan)
+    assert len(stories) == len(real_base.eval_babilong.SYNTHETIC_TASKS) * len(plan.lengths) * plan.samples
+    # The generator of eval_babilong.py's sample i is the one real_base checks against.
+    source = real_base.eval_babilong.SyntheticData(seed=real_base.EVAL_SEED, count=1)
+    sample = source.samples("qa2", "0k", real_base.synthetic.estimate_tokens)[0]
+    facts, question, answer = real_base.synthetic.babi_story(source.story_rng("qa2", "0k", 0), "qa2")
+    assert (sample["question"], sample["target"]) == (question, answer) and sample["input"] == " ".join(facts)
+
+
+def test_a_training_run_stopped_by_a_signal_stops_the_protocol(tiny, tmp_path, monkeypatch):
+    import signal
+
+    def stopped(argv):  # focusft.py after a SIGINT: its own handler installed, a checkpoint, exit 0, no final/
+        signal.signal(signal.SIGINT, lambda *_: None)
+        return 0
+
+    mine = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(real_base.focusft, "main", stopped)
+    with pytest.raises(KeyboardInterrupt):  # replicate.guarded turns it into "interrupted; the same command resumes"
+        real_base.train(tmp_path, real_base.PLANS["quick"], tiny.model, "sft-s0", "cpu", print)
+    assert signal.getsignal(signal.SIGINT) is mine  # Ctrl-C works again in the evaluations that would follow
+
+
+@pytest.mark.slow
+def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys):
+    out = tmp_path / "real"
+    assert replicate.main(["--base", str(tiny.model), "--quick", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["missing"] == []
+    assert set(result["runs"]) == {"base", *replicate.VARIANTS}
+    assert result["primary"]["mcnemar"]["pairs"] == len(real_base.PLANS["quick"].primary) * 2
+    assert [c[0] for c in result["claims"]][:4] == [
+        "FocuSFT beats Standard SFT beyond its training length (+9.6 to +14.2 points at 4K-32K)",
+        "Standard SFT barely moves the base model", "SFT + Bidir alone hurts",
+        "Causal bilevel carries most of the gain"]
+    budget = json.loads((out / "budget.json").read_text())
+    assert set(budget["train_step_s"]) == {"sft", "focusft"} and budget["projection"]["total_cpu_h"] > 0
+    assert set(budget["answer_s"]) == set(real_base.PLANS["quick"].lengths)
+    times = json.loads((out / "times.json").read_text())
+    assert {"data", "budget", "train/sft-s0", "eval/base/0k/qa1", "eval/focusft-s0/1k/qa1"} <= set(times)
+    report = (out / "report.md").read_text()
+    assert "Status: complete." in report and "## Primary endpoint" in report and "## The paper's claims" in report
+    try:
+        import matplotlib  # noqa: F401
+        assert all((out / "figures" / f).is_file() for f in ("accuracy.png", "effects.png"))
+    except ImportError:
+        assert "Figures skipped" in report
+    # A rerun finds every stage done: nothing is trained or evaluated again.
+    capsys.readouterr()
+    assert replicate.main(["--base", str(tiny.model), "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "focusft.py" not in printed and "eval_babilong.py" not in printed
+
+
+def test_bad_flags_end_in_one_line(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse: usage, then one line, status 2
+        replicate.main(["--base", str(tmp_path), "--quick"])
+    assert e.value.code == 2 and "no config.json there" in capsys.readouterr().err.splitlines()[-1]
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps({"plan": {}, "base": "elsewhere", "device": "cpu"}))
+    error = cli_error(replicate.main, ["--base", tiny.model, "--quick", "--out", out])
+    assert "holds a run of another plan" in error and "\n" not in error
