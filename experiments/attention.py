@@ -158,6 +158,8 @@ def train(out: Path, model: Path, size: Size, variant: str, seed: int, threads: 
             "--device", "cpu"]
     replicate.call("focusft.py", focusft.main, argv, log)
     torch.set_num_threads(threads)
+    if not (run / "final" / "config.json").is_file():  # focusft.py saved a checkpoint on a signal and returned
+        raise AttentionError(f"training {run.name} stopped before its end; the same command resumes it")
     return run
 
 
@@ -456,6 +458,13 @@ def report(out: Path, size: Size, res: dict, intervals: dict, missing: list[str]
             text.append(f"- {VARIANTS[v]}, train-time: step 0 sink {fmt(bootstrap(a['sink_mass']))}%, "
                         f"context {fmt(bootstrap(a['context_engagement']))}%; step {size.steps} sink "
                         f"{fmt(bootstrap(b['sink_mass']))}%, context {fmt(bootstrap(b['context_engagement']))}%.")
+    for leaf, when in (("train_start", "step 0 (no update yet)"), ("train_end", f"step {size.steps}")):
+        a, b = res.get(f"sft.{leaf}"), res.get(f"focusft.{leaf}")
+        if a and b:
+            sink = ratio_bootstrap(a["sink_mass"], b["sink_mass"])
+            gain = ratio_bootstrap(b["context_engagement"], a["context_engagement"])
+            text.append(f"- Train-time, {when}: sink mass Standard SFT / FocuSFT {fmt(sink, False)}x, context "
+                        f"engagement FocuSFT / Standard SFT {fmt(gain, False)}x.")
     text += ["", "Step 0 is the base model under the variant's mask (and, bilevel, its phi_K): the difference "
              "between variants at step 0 is what the mask and the inner loop do without any training; the change "
              f"from step 0 to step {size.steps} is what training did (each step's value is on that step's own "
