@@ -513,6 +513,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory; a rerun skips every stage already done there")
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 2 steps, ~512-token conversations, 2 held-out ones: every stage in minutes")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and measure nothing: write attention.json, the report and the figures from the stages "
+                        "already finished in --out (a partial report while a run is still going)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine two threads ran slower)")
     args = p.parse_args(argv)
@@ -560,6 +563,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     system = data.default_system(model)
     heldout = data.load_samples(out / "heldout.jsonl", tokenizer, 2 * size.tokens, default_system=system)[0]
     pad_id = data.special_token_id(tokenizer, data.ENDOFTEXT)
+    if args.report_only:  # the report names the run's own command
+        return finish(out, size, heldout, tokenizer, [a for a in argv if a != "--report-only"], times, model, log)
     first = size.seeds[0]
     timed("base", lambda: cached(out / "inference" / "base.json", lambda: measure(
         model, heldout, pad_id, ("causal", "hybrid"), profiles=("causal", "hybrid"))))

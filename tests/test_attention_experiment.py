@@ -88,6 +88,12 @@ def test_quick_writes_the_schema_and_resumes(tiny, tmp_path):
     assert attention.main(argv) == 0  # everything is there: nothing is trained or measured again
     assert {p: p.stat().st_mtime_ns for p in stages} == written
     assert json.loads((out / "attention.json").read_text()) == result
+    # A partial run: --report-only reports what is finished, says what is not, and runs nothing.
+    (out / "inference" / "focusft-s0.json").unlink()
+    assert attention.main([*argv, "--report-only"]) == 0
+    assert not (out / "inference" / "focusft-s0.json").exists()
+    assert "Status: **PARTIAL** -- not run yet: focusft-s0." in (out / "report.md").read_text()
+    assert "inference_end" not in json.loads((out / "attention.json").read_text())["focusft"]
 
 
 def test_another_size_in_the_same_out_is_one_clear_error(tiny, tmp_path):

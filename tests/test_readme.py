@@ -39,7 +39,7 @@ def test_docs_are_linked_and_stay_inside_the_repository():
 SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[]], "eval_gpqa.py": [[]],
            "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["check"]],
            "synthetic.py": [["write"]],
-           "scripts/gpu_check.py": [[]], "experiments/replicate.py": [[]]}
+           "scripts/gpu_check.py": [[]], "experiments/replicate.py": [[]], "experiments/attention.py": [[]]}
 
 
 def help_text(capsys, monkeypatch, script: str, sub: list[str]) -> str:
