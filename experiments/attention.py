@@ -538,21 +538,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if (out / "settings.json").is_file() and json.loads((out / "settings.json").read_text()) != settings:
         raise AttentionError(f"--out {out}: holds a run of another size or model (settings.json); use another --out")
     evaluation.write_json(out / "settings.json", settings)
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
-    logfile = open(out / "attention.log", "a", encoding="utf-8")
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        logfile.write(text + "\n")
-        logfile.flush()
-
-    def timed(key: str, fn):
-        t = time.time()
-        value = fn()
-        times[key] = times.get(key, 0.0) + time.time() - t
-        evaluation.write_json(out / "times.json", times)
-        return value
-
+    journal = replicate.Journal(out, "attention.log")
+    log, timed, times = journal.log, journal.timed, journal.times
     log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {PROG} {shlex.join(argv)} (size {size.name})")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -578,7 +565,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 out / "inference" / f"{v}-s{s}.json",
                 lambda: measure(run_dir / "final", heldout, pad_id, masks, profiles)))
             log(f"{v}-s{s}: trained and measured ({time.strftime('%H:%M:%S')})")
-    return finish(out, size, heldout, tokenizer, argv, times, model, log)
+    result = finish(out, size, heldout, tokenizer, argv, times, model, log)
+    journal.close()
+    return result
 
 
 def finish(out: Path, size: Size, heldout: list[data.Sample], tokenizer, argv: list[str], times: dict, model: Path,
@@ -601,16 +590,8 @@ def finish(out: Path, size: Size, heldout: list[data.Sample], tokenizer, argv: l
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    threads = torch.get_num_threads()  # restored after: a caller's process (a test session) keeps its own
-    try:
-        run(args, argv)
-    except (AttentionError, replicate.ReplicationError, data.DataError, qwen2.CheckpointError) as e:
-        sys.exit(f"{PROG}: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"{PROG}: interrupted; the same command resumes")
-    finally:
-        torch.set_num_threads(threads)
-    return 0
+    return replicate.guarded(PROG, lambda: run(args, argv), (AttentionError, replicate.ReplicationError,
+                                                             data.DataError, qwen2.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -625,24 +625,11 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
     if not suffix or not settings_path.is_file():
         evaluation.write_json(settings_path, settings)
     (out / f"protocol{'-eval' + suffix if suffix else ''}.md").write_text(protocol(size, args.device), encoding="utf-8")
-    logfile = open(out / "replicate.log", "a", encoding="utf-8")
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        logfile.write(text + "\n")
-        logfile.flush()
-
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+    journal = Journal(out, "replicate.log")
+    log, timed, times = journal.log, journal.timed, journal.times
     log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {PROG} {shlex.join(argv)} (size {size.name})")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-
-    def timed(key: str, fn):
-        t = time.time()
-        value = fn()
-        times[key] = times.get(key, 0.0) + time.time() - t
-        evaluation.write_json(out / "times.json", times)
-        return value
 
     tok = build_tokenizer(out, size)
     res = {"pretrain": {}, "base": None, "accuracy": {}, "diagnostics": {}}
@@ -671,7 +658,7 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
     res["accuracy"], res["diagnostics"], missing = collect(runs, eval_dir, size)
     if "report" in args.stages:
         write_report(out, args, argv, size, res, runs, times, missing, suffix, tok, settings, log)
-    logfile.close()
+    journal.close()
     return res
 
 
@@ -689,19 +676,50 @@ def without_stages(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    threads = torch.get_num_threads()  # restored after: a caller's process (a test session) keeps its own
+class Journal:
+    """A run's log (printed, and appended to a file in --out) and the seconds each stage took (times.json
+    in --out), summed over the runs that resumed it."""
+
+    def __init__(self, out: Path, name: str):
+        self.out, self.file = out, open(out / name, "a", encoding="utf-8")
+        self.times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def timed(self, key: str, fn):
+        """fn(), its seconds added to times[key]."""
+        t = time.time()
+        value = fn()
+        self.times[key] = self.times.get(key, 0.0) + time.time() - t
+        evaluation.write_json(self.out / "times.json", self.times)
+        return value
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def guarded(prog: str, fn, errors: tuple) -> int:
+    """fn(), with a problem the user can fix (`errors`) and Ctrl-C each ending the process in one line, and
+    the caller's torch threads put back (a test session keeps its own)."""
+    threads = torch.get_num_threads()
     try:
-        replicate(args, argv)
-    except (ReplicationError, data.DataError) as e:
-        sys.exit(f"{PROG}: error: {e}")
+        fn()
+    except errors as e:
+        sys.exit(f"{prog}: error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"{PROG}: interrupted; the same command resumes")
+        sys.exit(f"{prog}: interrupted; the same command resumes")
     finally:
         torch.set_num_threads(threads)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    return guarded(PROG, lambda: replicate(args, argv), (ReplicationError, data.DataError))
 
 
 if __name__ == "__main__":
