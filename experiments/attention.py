@@ -305,10 +305,7 @@ def figures(out: Path, size: Size, heldout: list[data.Sample], tokenizer) -> lis
         axes[1].set(yscale="log", xlim=(-0.5, 31.5), xlabel="key position", title=f"first 32 (sink: 0..{SINK - 1})")
         axes[1].axvspan(-0.5, SINK - 0.5, color="grey", alpha=0.15)
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "profile.png", dpi=80)
-        plt.close(fig)
-        made.append("profile.png")
+        made.append(replicate.save_figure(fig, fig_dir / "profile.png"))
     maps = {}
     for label, model in (("base", Path(json.loads((out / "settings.json").read_text())["model"])),
                          ("Standard SFT", out / "train" / f"sft-s{seed}" / "final"),
@@ -324,10 +321,7 @@ def figures(out: Path, size: Size, heldout: list[data.Sample], tokenizer) -> lis
                 ax.axhline(p - 0.5, color="white", lw=0.4, alpha=0.6)
                 ax.axvline(p - 0.5, color="white", lw=0.4, alpha=0.6)
             ax.set(title=f"{label}: log10 attention (causal)", xlabel="key position", ylabel="query position")
-        fig.tight_layout()
-        fig.savefig(fig_dir / "map.png", dpi=80)
-        plt.close(fig)
-        made.append("map.png")
+        made.append(replicate.save_figure(fig, fig_dir / "map.png"))
     curves = {v: [train_time(out / "train" / f"{v}-s{s}") for s in size.seeds
                   if (out / "train" / f"{v}-s{s}" / "final" / "config.json").is_file()] for v in VARIANTS}
     if any(curves.values()):
@@ -341,10 +335,7 @@ def figures(out: Path, size: Size, heldout: list[data.Sample], tokenizer) -> lis
         axes[0].set(title="train-time sink mass", xlabel="step", yscale="log")
         axes[1].set(title="train-time context engagement", xlabel="step")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "diagnostics.png", dpi=80)
-        plt.close(fig)
-        made.append("diagnostics.png")
+        made.append(replicate.save_figure(fig, fig_dir / "diagnostics.png"))
     return made
 
 

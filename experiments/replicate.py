@@ -445,6 +445,16 @@ def tables(res: dict, size: Size) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> str:
+    """Lay out, write as PNG and close a matplotlib figure; its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path.name
+
+
 def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
     """PNG figures in fig_dir; returns their names (none when matplotlib is missing)."""
     try:
@@ -464,10 +474,7 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
     axes[0].set(title="pretraining: sink mass / uniform", xlabel="step")
     axes[1].set(title="pretraining: short-story accuracy", xlabel="step", ylim=(0, 1))
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "pretraining.png", dpi=80)
-    plt.close(fig)
-    made.append("pretraining.png")
+    made.append(save_figure(fig, fig_dir / "pretraining.png"))
     if res["accuracy"]:
         lengths = eval_lengths(size)
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -484,10 +491,7 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
         ax.set(xlabel="context length (tokens)", ylabel="accuracy, % (95% Wilson)",
                title="synthetic BABILong qa1-qa5")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "accuracy.png", dpi=80)
-        plt.close(fig)
-        made.append("accuracy.png")
+        made.append(save_figure(fig, fig_dir / "accuracy.png"))
     if res["diagnostics"]:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for v, (label, _) in VARIANTS.items():
@@ -500,19 +504,13 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict) -> list[str]:
         axes[0].set(title="sink mass of response tokens", xlabel="step")
         axes[1].set(title="context engagement", xlabel="step")
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "diagnostics.png", dpi=80)
-        plt.close(fig)
-        made.append("diagnostics.png")
+        made.append(save_figure(fig, fig_dir / "diagnostics.png"))
     if maps:
         fig, axes = plt.subplots(1, len(maps), figsize=(4.5 * len(maps), 4))
         for ax, (label, m) in zip(axes if len(maps) > 1 else [axes], maps.items(), strict=True):
             ax.imshow(torch.log10(m + 1e-6).numpy(), cmap="viridis", vmin=-4, vmax=0)
             ax.set(title=f"{label}: log10 attention", xlabel="key", ylabel="query")
-        fig.tight_layout()
-        fig.savefig(fig_dir / "attention_map.png", dpi=80)
-        plt.close(fig)
-        made.append("attention_map.png")
+        made.append(save_figure(fig, fig_dir / "attention_map.png"))
     return made
 
 
