@@ -360,6 +360,8 @@ def compare(res: dict, a: str, b: str, stat: str) -> tuple[float, float, float] 
     if a not in res or b not in res:
         return None
     x, y = res[a][stat], res[b][stat]
+    if len(y) == 1 and b.startswith("base."):  # the base model has no seeds: every seed is paired with it
+        y = {s: next(iter(y.values())) for s in x}
     diffs = {s: [p - q for p, q in zip(x[s], y[s], strict=True)] for s in x if s in y}
     return bootstrap(diffs) if diffs else None
 
@@ -468,7 +470,7 @@ def report(out: Path, size: Size, res: dict, intervals: dict, missing: list[str]
                         f"by seed and held-out conversation): FocuSFT's is {verdict(d)}.")
         for v in VARIANTS:
             d = compare(res, f"{v}.inference_end", "base.causal", stat) if "base.causal" in res else None
-            if d and len(res[f"{v}.inference_end"][stat]) == len(size.seeds):
+            if d:
                 text.append(f"  - {VARIANTS[v]} minus the base model: {fmt(d, digits=2)} points.")
     text += ["", "Held-out response loss under the causal mask (how far the training moved each model):", ""]
     if "base.loss" in res:

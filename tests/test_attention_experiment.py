@@ -57,6 +57,10 @@ def test_ratio_and_paired_difference():
     d = attention.compare(res, "a.x", "b.x", "sink_mass")
     assert d[0] == pytest.approx(0.45)
     assert "higher" in attention.verdict(d)
+    # The base model's values (one group) pair with every seed's, sample by sample.
+    res["base.causal"] = {"sink_mass": {0: [0.1, 0.2]}}
+    res["a.x"]["sink_mass"][1] = [0.3, 0.3]
+    assert attention.compare(res, "a.x", "base.causal", "sink_mass")[0] == pytest.approx((0.45 + 0.15) / 2)
 
 
 def test_quick_writes_the_schema_and_resumes(tiny, tmp_path):
