@@ -389,6 +389,7 @@ def report(out: Path, size: Size, res: dict, intervals: dict, missing: list[str]
             rows.append(f"| {labels[key]} | {regimes[leaf]} | {fmt(cis['sink_mass'])} | "
                         f"{fmt(cis['context_engagement'])} |")
     n_seeds = len(size.seeds)
+    shown = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model  # no local path in a committed report
     text = [f"# The paper's attention analysis on a real pretrained model ({size.name} size)", "",
             f"Command: `python {PROG} {shlex.join(argv)}`  ",
             f"Commit: {commit()}  ",
@@ -399,7 +400,7 @@ def report(out: Path, size: Size, res: dict, intervals: dict, missing: list[str]
             f"Status: **PARTIAL** -- not run yet: {', '.join(missing)}. Every number below is from the finished "
             "stages only; rerun the same command to finish.", "",
             "## Protocol", "",
-            f"- Model: `{model}` (SmolLM2-135M-Instruct by default, converted by `scripts/convert_gguf.py`), fp32, "
+            f"- Model: `{shown}` (SmolLM2-135M-Instruct by default, converted by `scripts/convert_gguf.py`), fp32, "
             "CPU.",
             f"- Data: synthetic agentic conversations of ~{size.tokens} tokens (`synthetic.write_synthetic`: a bAbI "
             "question, the facts hidden among distractors in 1-3 tool outputs, the answer in the last assistant "
