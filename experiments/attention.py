@@ -358,6 +358,11 @@ def commit() -> str:
     return head + ("+ (uncommitted changes)" if dirty else "")
 
 
+def stage_commits(out: Path) -> list[str]:
+    """The commits the stages in --out ran at (commits.txt; '+': with uncommitted changes)."""
+    return (out / "commits.txt").read_text().split() if (out / "commits.txt").is_file() else []
+
+
 def compare(res: dict, a: str, b: str, stat: str) -> tuple[float, float, float] | None:
     """Paired difference a - b of `stat` (same seeds, same held-out samples), mean and 95% interval."""
     if a not in res or b not in res:
@@ -389,10 +394,12 @@ def report(out: Path, size: Size, res: dict, intervals: dict, missing: list[str]
             rows.append(f"| {labels[key]} | {regimes[leaf]} | {fmt(cis['sink_mass'])} | "
                         f"{fmt(cis['context_engagement'])} |")
     n_seeds = len(size.seeds)
+    ran = stage_commits(out)
     shown = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model  # no local path in a committed report
     text = [f"# The paper's attention analysis on a real pretrained model ({size.name} size)", "",
             f"Command: `python {PROG} {shlex.join(argv)}`  ",
-            f"Commit: {commit()}  ",
+            f"Commit: the report was written at {commit()}; the stages ran at "
+            f"{', '.join(ran) if ran else 'unrecorded commits'}  ",
             f"Machine: {platform.machine()}, {evaluation.usable_cores()} CPU cores, torch {torch.__version__}  ",
             "Run time (s, per stage, summed over resumed runs): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
             + f"; total {sum(times.values()) / 60:.1f} min", "",
@@ -550,6 +557,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     pad_id = data.special_token_id(tokenizer, data.ENDOFTEXT)
     if args.report_only:  # the report names the run's own command
         return finish(out, size, heldout, tokenizer, [a for a in argv if a != "--report-only"], times, model, log)
+    ran = stage_commits(out)
+    if commit().split()[0] not in ran:  # the commits the stages ran at, for the report
+        (out / "commits.txt").write_text("\n".join([*ran, commit().split()[0]]) + "\n")
     first = size.seeds[0]
     timed("base", lambda: cached(out / "inference" / "base.json", lambda: measure(
         model, heldout, pad_id, ("causal", "hybrid"), profiles=("causal", "hybrid"))))
