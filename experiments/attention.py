@@ -418,7 +418,9 @@ def report(out: Path, size: Size, res: dict, intervals: dict, missing: list[str]
             "(K = 2, inner lr 1, rank 32, alpha 64, top 35% of layers).",
             f"- Train-time: `focusft.py`'s diagnostics every {size.attn_every} step(s) from step 0, on that step's "
             "training conversation, under the variant's own mask and, for the bilevel variants, with phi_K "
-            "(what the outer loss sees). One conversation per seed: the interval is over seeds only.",
+            "(what the outer loss sees). One conversation per seed: the interval is over seeds only. The seeds "
+            "share the training conversations and differ in their order and the fast weights' draws; step 0 is "
+            "the same conversation for every seed (focusft.py runs the longest micro-batch first).",
             f"- Inference-time: the causal mask and no fast weights, on the {size.heldout} held-out conversations, "
             "for the base model and every trained one; intervals over seeds and samples.",
             "- Intervals: 95% bootstrap percentile intervals (seeds resampled, then samples within each seed).",
