@@ -2,6 +2,7 @@
 
     python experiments/attention.py --out runs/attention            # the full run (see "Cost" below)
     python experiments/attention.py --out runs/attention-quick --quick   # 1 seed, 2 steps, the real model
+    python experiments/attention.py --out runs/attention --report-only   # the report of the stages done so far
 
 What it measures: where the response tokens' attention goes -- the sink (the first 5 tokens,
 focusft.SINK_TOKENS) and the context content (every other token outside the assistant turns: system,
@@ -22,11 +23,10 @@ Stages, each writing under --out and skipped on a rerun when its result is there
                 report.md, and figures: profile.png (Figure 2 style), map.png (Figure 3 style),
                 diagnostics.png (train-time statistics by step).
 
-Cost (measured on 2 shared cores, one torch thread, another job busy on the other core): an optimizer
-step on a ~1K-token conversation takes ~20 s for Standard SFT, ~30-45 s for the hybrid-mask and bilevel
-variants; one diagnostics pass (30 layers) ~7 s. The full run (3 seeds x 4 variants x 6 steps, 6 held-out
-conversations) is then about an hour; --quick (1 seed, 2 steps, ~512 tokens, 2 held-out conversations)
-took 5 minutes.
+Cost (2 CPU cores shared with other jobs, one torch thread): an optimizer step on a ~1K-token conversation
+takes ~20 s for Standard SFT and ~30-45 s for the hybrid-mask and bilevel variants; one diagnostics pass
+(30 layers) ~7-12 s. The full run (3 seeds x 4 variants x 6 steps, 6 held-out conversations) took 55 min
+(3306 s wall); --quick (1 seed, 2 steps, ~512 tokens, 2 held-out conversations) 3-5 min (162 s and 304 s).
 """
 
 from __future__ import annotations
