@@ -428,7 +428,7 @@ def report(out: Path, size: Size, res: dict, intervals: dict, missing: list[str]
             f"- **Sink mass**: the attention that response queries put on the first {SINK} tokens, averaged over "
             "heads, layers and response queries (`focusft.attention_diagnostics`). The paper: \"the attention "
             f"sink absorbs 30.1% of the budget on just 5 tokens\". Here the first {SINK} tokens are "
-            "`<|im_start|>system` and the start of the system prompt.",
+            "`<|im_start|>`, `system`, the newline and the system prompt's first two tokens (SmolLM2's tokenizer).",
             "- **Context engagement**: the attention response queries put on context tokens other than the sink: "
             "every token outside the assistant turns' bodies (system prompt, user message, tool outputs, and "
             "the `<|im_start|>role` headers). The paper: \"the entire context content (system/user prompt and "
