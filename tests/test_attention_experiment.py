@@ -107,3 +107,10 @@ def test_another_size_in_the_same_out_is_one_clear_error(tiny, tmp_path):
     with pytest.raises(SystemExit) as e:
         attention.main(["--model", str(tiny.model), "--out", str(out), "--quick"])
     assert "holds a run of another size or model" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_model_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        attention.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "att"), "--quick"])
+    message = str(e.value)
+    assert message.startswith("experiments/attention.py: error: ") and "nowhere" in message and "\n" not in message
