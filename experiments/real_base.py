@@ -730,7 +730,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return replicate.guarded(run, parse_args(argv), argv)
+    args = parse_args(argv)
+    return replicate.guarded(replicate.PROG, lambda: run(args, argv), (replicate.ReplicationError, data.DataError))
 
 
 if __name__ == "__main__":

@@ -448,6 +448,16 @@ def tables(res: dict, size: Size) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> str:
+    """Lay out, write as PNG and close a matplotlib figure; its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path.name
+
+
 def figures(res: dict, size: Size, fig_dir: Path, maps: dict, curves: dict) -> list[str]:
     """PNG figures in fig_dir; returns their names (none when matplotlib is missing). curves: each variant's
     finished training runs' metrics rows, drawn by scripts/plot_metrics.py (training.png, diagnostics.png)."""
@@ -468,10 +478,7 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict, curves: dict) -> l
     axes[0].set(title="pretraining: sink mass / uniform", xlabel="step")
     axes[1].set(title="pretraining: short-story accuracy", xlabel="step", ylim=(0, 1))
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "pretraining.png", dpi=80)
-    plt.close(fig)
-    made.append("pretraining.png")
+    made.append(save_figure(fig, fig_dir / "pretraining.png"))
     if res["accuracy"]:
         lengths = eval_lengths(size)
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -488,20 +495,14 @@ def figures(res: dict, size: Size, fig_dir: Path, maps: dict, curves: dict) -> l
         ax.set(xlabel="context length (tokens)", ylabel="accuracy, % (95% Wilson)",
                title="synthetic BABILong qa1-qa5")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "accuracy.png", dpi=80)
-        plt.close(fig)
-        made.append("accuracy.png")
+        made.append(save_figure(fig, fig_dir / "accuracy.png"))
     made += plot_metrics.plot(curves, fig_dir)  # each variant the mean over its seeds
     if maps:
         fig, axes = plt.subplots(1, len(maps), figsize=(4.5 * len(maps), 4))
         for ax, (label, m) in zip(axes if len(maps) > 1 else [axes], maps.items(), strict=True):
             ax.imshow(torch.log10(m + 1e-6).numpy(), cmap="viridis", vmin=-4, vmax=0)
             ax.set(title=f"{label}: log10 attention", xlabel="key", ylabel="query")
-        fig.tight_layout()
-        fig.savefig(fig_dir / "attention_map.png", dpi=80)
-        plt.close(fig)
-        made.append("attention_map.png")
+        made.append(save_figure(fig, fig_dir / "attention_map.png"))
     return made
 
 
@@ -625,24 +626,11 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
     if not suffix or not settings_path.is_file():
         evaluation.write_json(settings_path, settings)
     (out / f"protocol{'-eval' + suffix if suffix else ''}.md").write_text(protocol(size, args.device), encoding="utf-8")
-    logfile = open(out / "replicate.log", "a", encoding="utf-8")
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        logfile.write(text + "\n")
-        logfile.flush()
-
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+    journal = Journal(out, "replicate.log")
+    log, timed, times = journal.log, journal.timed, journal.times
     log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {PROG} {shlex.join(argv)} (size {size.name})")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-
-    def timed(key: str, fn):
-        t = time.time()
-        value = fn()
-        times[key] = times.get(key, 0.0) + time.time() - t
-        evaluation.write_json(out / "times.json", times)
-        return value
 
     tok = build_tokenizer(out, size)
     res = {"pretrain": {}, "base": None, "accuracy": {}, "diagnostics": {}}
@@ -671,7 +659,7 @@ def replicate(args: argparse.Namespace, argv: list[str]) -> dict:
     res["accuracy"], res["diagnostics"], missing = collect(runs, eval_dir, size)
     if "report" in args.stages:
         write_report(out, args, argv, size, res, runs, times, missing, suffix, tok, settings, log)
-    logfile.close()
+    journal.close()
     return res
 
 
@@ -689,15 +677,41 @@ def without_stages(argv: list[str]) -> list[str]:
     return out
 
 
-def guarded(run, args: argparse.Namespace, argv: list[str]) -> int:
-    """run(args, argv) with a user's problem in one line and the caller's torch threads kept (a test session)."""
+class Journal:
+    """A run's log (printed, and appended to a file in --out) and the seconds each stage took (times.json
+    in --out), summed over the runs that resumed it."""
+
+    def __init__(self, out: Path, name: str):
+        self.out, self.file = out, open(out / name, "a", encoding="utf-8")
+        self.times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def timed(self, key: str, fn):
+        """fn(), its seconds added to times[key]."""
+        t = time.time()
+        value = fn()
+        self.times[key] = self.times.get(key, 0.0) + time.time() - t
+        evaluation.write_json(self.out / "times.json", self.times)
+        return value
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def guarded(prog: str, fn, errors: tuple) -> int:
+    """fn(), with a problem the user can fix (`errors`) and Ctrl-C each ending the process in one line, and
+    the caller's torch threads put back (a test session keeps its own)."""
     threads = torch.get_num_threads()
     try:
-        run(args, argv)
-    except (ReplicationError, data.DataError) as e:
-        sys.exit(f"{PROG}: error: {e}")
+        fn()
+    except errors as e:
+        sys.exit(f"{prog}: error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"{PROG}: interrupted; the same command resumes")
+        sys.exit(f"{prog}: interrupted; the same command resumes")
     finally:
         torch.set_num_threads(threads)
     return 0
@@ -710,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         import real_base
 
         return real_base.main(argv)
-    return guarded(replicate, parse_args(argv), argv)
+    args = parse_args(argv)
+    return guarded(PROG, lambda: replicate(args, argv), (ReplicationError, data.DataError))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ SCRIPTS = {"focusft.py": [[]], "eval_babilong.py": [[]], "eval_longbench.py": [[
            "eval_ruler.py": [[]], "bench.py": [[]], "demo.py": [[]], "data.py": [["check"]],
            "synthetic.py": [["write"]],
            "scripts/gpu_check.py": [[]], "scripts/plot_metrics.py": [[]], "scripts/convert_gguf.py": [[]],
-           "experiments/replicate.py": [[]]}
+           "experiments/replicate.py": [[]], "experiments/attention.py": [[]]}
 
 
 # Flags of the programs the docs run beside the scripts: torchrun's, SLURM's and TensorBoard's.
