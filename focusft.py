@@ -26,6 +26,7 @@ import importlib.util
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -884,9 +885,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     procs = setup_distributed(args.device, args.fsdp)
+    # The loop's SIGINT/SIGTERM handlers (training.StopRequest) are put back on return, so a caller that runs
+    # training in its own process (the experiments, the tests) gets its Ctrl-C back.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(args, procs)
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if procs.world > 1 and dist.is_initialized():
             # DDP's reducer sits in reference cycles; free it (and the gloo work it holds) while the
             # group and the interpreter are alive. Left to interpreter shutdown, a worker thread's

@@ -31,7 +31,6 @@ import platform
 import random
 import shlex
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -265,24 +264,13 @@ def train_argv(out: Path, plan: Plan, base: Path, variant: str, seed: int, run: 
             "--keep", "1", "--seed", str(seed), "--device", device]
 
 
-def call_focusft(argv: list[str], log) -> None:
-    """focusft.py's main; its SIGINT/SIGTERM handlers (finish the step, checkpoint, exit 0) are put back after,
-    so Ctrl-C stops the evaluations that follow at once."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        replicate.call("focusft.py", focusft.main, argv, log)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 def train(out: Path, plan: Plan, base: Path, model: str, device: str, log) -> bool:
     """One training run, unless finished; a stopped one resumes from its checkpoint. True when it ran."""
     run = out / "train" / model
     if (run / "final" / "config.json").is_file():
         return False
     variant, seed = variant_of(model), int(model.rsplit("-s", 1)[1])
-    call_focusft(train_argv(out, plan, base, variant, seed, run, device, plan.steps), log)
+    replicate.call("focusft.py", focusft.main, train_argv(out, plan, base, variant, seed, run, device, plan.steps), log)
     if not (run / "final" / "config.json").is_file():  # stopped by a signal: focusft.py saved a checkpoint
         raise KeyboardInterrupt
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # finished: final/ is what counts (a checkpoint is ~3x it)
@@ -331,7 +319,8 @@ def measure_budget(out: Path, plan: Plan, base: Path, device: str, log) -> dict:
         run = where / f"train-{variant}"
         shutil.rmtree(run, ignore_errors=True)  # a stopped measurement is measured again, from the start
         argv = train_argv(out, plan, base, variant, 0, run, device, plan.budget_steps)
-        wall, cpu, result["loadavg"][f"train-{variant}"] = measured(lambda argv=argv: call_focusft(argv, log))
+        wall, cpu, result["loadavg"][f"train-{variant}"] = measured(
+            lambda argv=argv: replicate.call("focusft.py", focusft.main, argv, log))
         steps = [r["step_s"] for r in focusft.read_metrics(run / "metrics.jsonl") if "step_s" in r]
         result["train_step_s"][variant] = statistics.median(steps[1:] or steps)
         result["train_step_cpu_s"][variant] = result["train_step_s"][variant] * cpu / wall

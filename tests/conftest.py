@@ -1,7 +1,6 @@
 """Shared test helpers: tiny random Qwen2 checkpoints built in the HF format by transformers itself."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -206,16 +205,11 @@ def run(cmd, timeout: float = 300, env: dict[str, str] | None = None) -> subproc
 
 
 def train_in_process(tiny, out, *extra) -> None:
-    """One process, in this one (no interpreter start-up): focusft.main with an argv list. The
-    trainer's SIGINT/SIGTERM handlers are put back afterwards."""
+    """One process, in this one (no interpreter start-up): focusft.main with an argv list (which puts
+    pytest's SIGINT/SIGTERM handlers back when it returns)."""
     import focusft
 
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        focusft.main(["--model", str(tiny.model), "--data", str(tiny.data), "--out", str(out), *extra])
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    focusft.main(["--model", str(tiny.model), "--data", str(tiny.data), "--out", str(out), *extra])
 
 
 def step_rows(out: Path) -> list[dict]:

@@ -73,17 +73,20 @@ def test_the_real_evaluation_stories_never_reach_the_training_data():
 
 
 def test_a_training_run_stopped_by_a_signal_stops_the_protocol(tiny, tmp_path, monkeypatch):
-    import signal
-
-    def stopped(argv):  # focusft.py after a SIGINT: its own handler installed, a checkpoint, exit 0, no final/
-        signal.signal(signal.SIGINT, lambda *_: None)
-        return 0
-
-    mine = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(real_base.focusft, "main", stopped)
+    monkeypatch.setattr(real_base.focusft, "main", lambda argv: 0)  # after a SIGINT: a checkpoint, exit 0, no final/
     with pytest.raises(KeyboardInterrupt):  # replicate.guarded turns it into "interrupted; the same command resumes"
         real_base.train(tmp_path, real_base.PLANS["quick"], tiny.model, "sft-s0", "cpu", print)
-    assert signal.getsignal(signal.SIGINT) is mine  # Ctrl-C works again in the evaluations that would follow
+
+
+def test_focusft_main_gives_the_callers_signal_handlers_back(tiny, tmp_path):
+    """Ctrl-C works again in what follows a training run in the same process (the evaluations here)."""
+    import signal
+
+    from conftest import train_in_process
+
+    mine = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    train_in_process(tiny, tmp_path / "run", "--max-steps", "1")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == mine
 
 
 @pytest.mark.slow
