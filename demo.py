@@ -571,7 +571,7 @@ def run_real(args: argparse.Namespace, argv: list[str]) -> dict:
     timings: dict[str, float] = {}
     stage = stage_printer(10)
 
-    t = stage(1, "model" + ("" if model else ": converting SmolLM2-135M-Instruct from its GGUF, once (~20 s)"))
+    t = stage(1, "model" + ("" if model else ": converting SmolLM2-135M-Instruct from its GGUF, once (seconds)"))
     if model is None:
         try:
             model = convert_gguf.smollm2_checkpoint(SMOLLM2_DIR)

