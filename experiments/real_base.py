@@ -24,6 +24,9 @@ task at one length, starts over):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -274,7 +277,36 @@ def train(out: Path, plan: Plan, base: Path, model: str, device: str, log) -> bo
     if not (run / "final" / "config.json").is_file():  # stopped by a signal: focusft.py saved a checkpoint
         raise KeyboardInterrupt
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # finished: final/ is what counts (a checkpoint is ~3x it)
+    check_weights(run)
     return True
+
+
+def check_weights(run: Path) -> None:
+    """Record the sha256 of the final weights in final.sha256, or, when it is already there (the run's records were
+    kept without its weights, which are then trained again), require the same weights: evaluations of two
+    different models must not be mixed under one name."""
+    digest = hashlib.sha256()
+    for f in sorted((run / "final").glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    recorded = run / "final.sha256"
+    if recorded.is_file() and recorded.read_text().strip() != digest.hexdigest():
+        evals = run.parent.parent / "eval" / run.name
+        raise replicate.ReplicationError(f"{run / 'final'}: trained again, its weights differ from those recorded in "
+                                         f"{recorded}, whose evaluations are kept; remove {evals} and {recorded} to "
+                                         "evaluate the new weights")
+    recorded.write_text(digest.hexdigest() + "\n")
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def model_dir(out: Path, base: Path, model: str) -> Path:
@@ -652,6 +684,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="torch CPU threads (default: 1, as replicate.py: the machine is shared)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                    help="stages to run (default: all); each needs the data stage's train.jsonl")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="train and evaluate only these models (base, sft-s0, focusft-s1, ...; default: all), so "
+                        "that several processes can share --out: e.g. one per core, each with its own models")
     args = p.parse_args(argv)
     replicate.check_machine_flags(p, args)
     if not (Path(args.base) / "config.json").is_file():
@@ -664,13 +699,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
     out = Path(args.out or f"runs/real-base{'' if plan.name == 'full' else '-' + plan.name}").resolve()
     base = Path(args.base).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"plan": json.loads(json.dumps(asdict(plan))), "base": str(base), "device": args.device}
+    unknown = sorted(set(args.models or ()) - set(models(plan)))
+    if unknown:
+        raise replicate.ReplicationError(f"--models {' '.join(unknown)}: not a model of the {plan.name} plan "
+                                         f"(its models: {' '.join(models(plan))})")
+    # The base inside the repository as a relative path: the records stay valid in another clone (docs/replication).
+    where = base.relative_to(ROOT) if base.is_relative_to(ROOT) else base
+    settings = {"plan": json.loads(json.dumps(asdict(plan))), "base": str(where), "device": args.device}
     if (out / "settings.json").is_file() and json.loads((out / "settings.json").read_text()) != settings:
         raise replicate.ReplicationError(f"--out {out}: holds a run of another plan or base ({out / 'settings.json'}); "
                             "use another --out")
     evaluation.write_json(out / "settings.json", settings)
     torch.set_num_threads(args.threads)
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
     logfile = open(out / "replicate.log", "a", encoding="utf-8")
 
     def log(text: str) -> None:
@@ -683,11 +723,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
         load, wall, cpu = os.getloadavg(), time.time(), time.process_time()
         if fn() is False:
             return
-        t = times.setdefault(key, {"wall_s": 0.0, "cpu_s": 0.0, "runs": 0, "load": load})
-        t["wall_s"] += time.time() - wall
-        t["cpu_s"] += time.process_time() - cpu
-        t["runs"] += 1
-        evaluation.write_json(out / "times.json", times)
+        with locked(out / "times.json.lock"):  # another process (--models) may be adding its own stages
+            times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+            t = times.setdefault(key, {"wall_s": 0.0, "cpu_s": 0.0, "runs": 0, "load": load})
+            t["wall_s"] += time.time() - wall
+            t["cpu_s"] += time.process_time() - cpu
+            t["runs"] += 1
+            evaluation.write_json(out / "times.json", times)
 
     log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} experiments/replicate.py {shlex.join(argv)} (plan {plan.name})")
     tok = data.load_tokenizer(base)
@@ -704,14 +746,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
         log(f"budget: the plan projects {proj['total_cpu_h']:.2f} CPU hours (train {proj['train_cpu_h']:.2f}, eval "
             f"{proj['eval_cpu_h']:.2f}), {proj['total_cpu_h'] * proj['wall_per_cpu']:.1f} hours of wall clock at the "
             f"load measured; longest stage {proj['longest_stage']}, {proj['longest_stage_cpu_h']:.2f} CPU hours")
-    for model in models(plan):
-        if "train" in args.stages and model != "base":
+    for model in [m for m in models(plan) if m in (args.models or models(plan))]:
+        todo = [(length, task) for length in plan.lengths for task in plan.tasks
+                if not (out / "eval" / model / length / task / "results.json").is_file()]
+        # Kept records without the weights (a run carried to another machine): train only what is still to evaluate.
+        if "train" in args.stages and model != "base" and (todo or "eval" not in args.stages):
             timed(f"train/{model}", lambda model=model: train(out, plan, base, model, args.device, log))
         if "eval" in args.stages and (model == "base" or (out / "train" / model / "final" / "config.json").is_file()):
-            for length in plan.lengths:
-                for task in plan.tasks:
-                    timed(f"eval/{model}/{length}/{task}", lambda model=model, length=length, task=task:
-                          evaluate(out, plan, base, model, length, task, args.device, log))
+            for length, task in todo:
+                timed(f"eval/{model}/{length}/{task}", lambda model=model, length=length, task=task:
+                      evaluate(out, plan, base, model, length, task, args.device, log))
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
     result = write_report(out, plan, argv, times, log) if "report" in args.stages else None
     logfile.close()
     return result

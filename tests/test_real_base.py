@@ -3,6 +3,7 @@ the evaluation, and --quick end to end on the tiny random model (every stage, th
 
 import json
 import random
+import shutil
 import sys
 
 import pytest
@@ -118,6 +119,27 @@ def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys)
     assert replicate.main(["--base", str(tiny.model), "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "focusft.py" not in printed and "eval_babilong.py" not in printed
+    # The records carried without the weights (docs/replication/real-model): a finished model is not trained
+    # again; one with an evaluation left is, to the weights recorded in final.sha256, and only that is evaluated.
+    for final in out.glob("train/*/final"):
+        shutil.rmtree(final)
+    (out / "eval" / "sft-s0" / "1k" / "qa1" / "results.json").unlink()
+    assert replicate.main(["--base", str(tiny.model), "--quick", "--out", str(out), "--models", "sft-s0",
+                           "focusft-s0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("$ python focusft.py") == 1 and printed.count("$ python eval_babilong.py") == 1
+    assert (out / "train" / "sft-s0" / "final").is_dir() and not (out / "train" / "focusft-s0" / "final").exists()
+
+
+def test_weights_trained_again_must_be_the_ones_whose_evaluations_are_kept(tmp_path):
+    run = tmp_path / "train" / "sft-s0"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "model.safetensors").write_bytes(b"weights")
+    real_base.check_weights(run)  # the first time: recorded
+    real_base.check_weights(run)  # the same weights again: fine
+    (run / "final" / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(replicate.ReplicationError, match="weights differ from those recorded"):
+        real_base.check_weights(run)
 
 
 def test_bad_flags_end_in_one_line(tiny, tmp_path, capsys):
@@ -129,3 +151,5 @@ def test_bad_flags_end_in_one_line(tiny, tmp_path, capsys):
     (out / "settings.json").write_text(json.dumps({"plan": {}, "base": "elsewhere", "device": "cpu"}))
     error = cli_error(replicate.main, ["--base", tiny.model, "--quick", "--out", out])
     assert "holds a run of another plan" in error and "\n" not in error
+    error = cli_error(replicate.main, ["--base", tiny.model, "--quick", "--out", tmp_path / "m", "--models", "sft-s7"])
+    assert "--models sft-s7: not a model of the quick plan" in error and "\n" not in error
