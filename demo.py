@@ -326,6 +326,14 @@ def comparison(accuracy: dict[str, dict[str, float | None]], runs: dict[str, dic
     return rows
 
 
+def trained_comparison(out: Path, accuracy: dict, size: Size) -> tuple[dict, list[dict]]:
+    """summarize_run() of both training runs under out, and the table's rows."""
+    runs = {m: summarize_run(focusft.read_metrics(out / m / "metrics.jsonl"), str(out / m / "metrics.jsonl"))
+            for m in METHODS}
+    inner = json.loads((out / "focusft" / "config.json").read_text(encoding="utf-8")).get("inner_steps", 2)
+    return runs, comparison(accuracy, runs, size.eval_lengths, inner)
+
+
 def render_markdown(rows: list[dict]) -> str:
     def cell(row: dict, column: str) -> str:
         value = row["values"][column]
@@ -398,10 +406,7 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> dict:
     accuracy, examples = evaluate_stages(out, models, size, args.seed, 4, stage, timings)
 
     stage(7, "comparison")
-    runs = {m: summarize_run(focusft.read_metrics(out / m / "metrics.jsonl"), str(out / m / "metrics.jsonl"))
-            for m in METHODS}
-    inner = json.loads((out / "focusft" / "config.json").read_text(encoding="utf-8")).get("inner_steps", 2)
-    rows = comparison(accuracy, runs, size.eval_lengths, inner)
+    runs, rows = trained_comparison(out, accuracy, size)
     timings["total"] = time.perf_counter() - t_start
     facts = {**settings, "parameters": inputs["parameters"], "tasks": list(eval_babilong.SYNTHETIC_TASKS)}
     markdown = report(facts, rows, predictions_table(examples, size.eval_lengths), timings)
@@ -602,10 +607,7 @@ def run_real(args: argparse.Namespace, argv: list[str]) -> dict:
     accuracy, examples = evaluate_stages(out, models, size, args.seed, 7, stage, timings)
 
     stage(10, "comparison and picture")
-    runs = {m: summarize_run(focusft.read_metrics(out / m / "metrics.jsonl"), str(out / m / "metrics.jsonl"))
-            for m in METHODS}
-    inner = json.loads((out / "focusft" / "config.json").read_text(encoding="utf-8")).get("inner_steps", 2)
-    rows = comparison(accuracy, runs, size.eval_lengths, inner)
+    runs, rows = trained_comparison(out, accuracy, size)
     rows[len(size.eval_lengths):len(size.eval_lengths)] = heldout_rows(measured)
     picture = draw_profiles(out / "attention.png", measured)
     timings["total"] = time.perf_counter() - t_start
