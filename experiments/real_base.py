@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -47,8 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import replicate  # noqa: E402
+import replicate  # noqa: E402, I001 (first: it puts scripts/ on the path, for convert_gguf)
 
+import convert_gguf  # noqa: E402
 import data  # noqa: E402
 import eval_babilong  # noqa: E402
 import evaluation  # noqa: E402
@@ -285,18 +285,15 @@ def check_weights(run: Path) -> None:
     """Record the sha256 of the final weights in final.sha256, or, when it is already there (the run's records were
     kept without its weights, which are then trained again), require the same weights: evaluations of two
     different models must not be mixed under one name."""
-    digest = hashlib.sha256()
-    for f in sorted((run / "final").glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(block)
+    # sha256sum's format, one line per weight file: `sha256sum -c ../final.sha256` checks it from final/.
+    digests = "".join(f"{convert_gguf.sha256(f)}  {f.name}\n" for f in sorted((run / "final").glob("*.safetensors")))
     recorded = run / "final.sha256"
-    if recorded.is_file() and recorded.read_text().strip() != digest.hexdigest():
+    if recorded.is_file() and recorded.read_text() != digests:
         evals = run.parent.parent / "eval" / run.name
         raise replicate.ReplicationError(f"{run / 'final'}: trained again, its weights differ from those recorded in "
                                          f"{recorded}, whose evaluations are kept; remove {evals} and {recorded} to "
                                          "evaluate the new weights")
-    recorded.write_text(digest.hexdigest() + "\n")
+    recorded.write_text(digests)
 
 
 @contextlib.contextmanager
@@ -699,10 +696,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
     out = Path(args.out or f"runs/real-base{'' if plan.name == 'full' else '-' + plan.name}").resolve()
     base = Path(args.base).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    unknown = sorted(set(args.models or ()) - set(models(plan)))
+    every = models(plan)
+    unknown = sorted(set(args.models or ()) - set(every))
     if unknown:
         raise replicate.ReplicationError(f"--models {' '.join(unknown)}: not a model of the {plan.name} plan "
-                                         f"(its models: {' '.join(models(plan))})")
+                                         f"(its models: {' '.join(every)})")
     # The base inside the repository as a relative path: the records stay valid in another clone (docs/replication).
     where = base.relative_to(ROOT) if base.is_relative_to(ROOT) else base
     settings = {"plan": json.loads(json.dumps(asdict(plan))), "base": str(where), "device": args.device}
@@ -746,7 +744,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict | None:
         log(f"budget: the plan projects {proj['total_cpu_h']:.2f} CPU hours (train {proj['train_cpu_h']:.2f}, eval "
             f"{proj['eval_cpu_h']:.2f}), {proj['total_cpu_h'] * proj['wall_per_cpu']:.1f} hours of wall clock at the "
             f"load measured; longest stage {proj['longest_stage']}, {proj['longest_stage_cpu_h']:.2f} CPU hours")
-    for model in [m for m in models(plan) if m in (args.models or models(plan))]:
+    for model in [m for m in every if m in (args.models or every)]:
         todo = [(length, task) for length in plan.lengths for task in plan.tasks
                 if not (out / "eval" / model / length / task / "results.json").is_file()]
         # Kept records without the weights (a run carried to another machine): train only what is still to evaluate.
