@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import statistics
@@ -544,6 +545,49 @@ def wrong_answers(outputs: dict, correct: dict, res: dict, plan: Plan, top: int 
             if lines else ["No wrong answers at the primary lengths yet."])
 
 
+def repeats(text: str, times: int = 3) -> bool:
+    """Whether the answer loops: one three-word phrase in it `times` or more times ("The answer is the library.
+    The answer is the library. The answer is ...", cut off by the token limit); words only, punctuation aside."""
+    words = re.findall(r"\w+", text.lower())
+    return any(n >= times for n in Counter(zip(words, words[1:], words[2:], strict=False)).values())
+
+
+def looping(outputs: dict, res: dict, plan: Plan) -> list[str]:
+    """Per run, how many of its answers at the primary lengths loop (repeats), right or wrong."""
+    lines = ["| run | looping answers | of |", "| --- | --- | --- |"]
+    for rs in res["runs"].values():
+        for r in rs:
+            rows = [row for cell, cell_rows in outputs[r].items() if cell[1] in plan.primary for row in cell_rows]
+            lines.append(f"| {r} | {sum(repeats(row['output']) for row in rows)} | {len(rows)} |")
+    return lines
+
+
+def thirds(values: list[float]) -> str:
+    """The means of the first, middle and last third of a run's values: its trend, in one cell."""
+    k = len(values) / 3
+    parts = [values[round(i * k):round((i + 1) * k)] for i in range(3)]
+    return " → ".join(f"{statistics.fmean(p):.2f}" for p in parts) if all(parts) else "-"
+
+
+def training_logs(out: Path, res: dict, spike: float = 2.0) -> list[str]:
+    """Per trained run, from its metrics.jsonl: the outer (SFT) loss and, for the bilevel variants, the inner
+    loop's loss before its first step (inner_first): by thirds of the run, how many steps the outer loss passed
+    `spike`, and its largest value."""
+    lines = [f"| run | steps | loss by thirds | steps with loss > {spike:g} | largest loss (step) | "
+             "inner_first by thirds |", "| --- | --- | --- | --- | --- | --- |"]
+    for v, rs in res["runs"].items():
+        for r in rs if v != "base" else []:
+            steps = [x for x in focusft.read_metrics(out / "train" / r / "metrics.jsonl") if "loss" in x]
+            if not steps:
+                continue
+            loss = [x["loss"] for x in steps]
+            top = max(steps, key=lambda x: x["loss"])
+            inner = [x["inner_first"] for x in steps if "inner_first" in x]
+            lines.append(f"| {r} | {len(steps)} | {thirds(loss)} | {sum(x > spike for x in loss)} | "
+                         f"{top['loss']:.1f} ({top['step']}) | {thirds(inner) if inner else '-'} |")
+    return lines
+
+
 def diagnostics(out: Path, res: dict) -> list[str]:
     lines = ["| run | sink mass, first | sink mass, last | engagement, first | engagement, last |",
              "| --- | --- | --- | --- | --- |"]
@@ -642,6 +686,9 @@ def write_report(out: Path, plan: Plan, argv: list[str], times: dict, log) -> di
     lines += ["", "## The paper's claims", "", "| claim | at this scale | why |", "| --- | --- | --- |"]
     lines += [f"| {c} | {v} | {why} |" for c, v, why in claims(res, plan)]
     lines += ["", f"## Wrong answers at {', '.join(plan.primary)}", "", *wrong_answers(outputs, correct, res, plan)]
+    lines += ["", f"Answers that loop (a three-word phrase three or more times), right or wrong, at "
+              f"{', '.join(plan.primary)}:", "", *looping(outputs, res, plan)]
+    lines += ["", "## Training (focusft.py's metrics.jsonl; descriptive)", "", *training_logs(out, res)]
     lines += ["", "## Attention diagnostics during training (focusft.py's metrics.jsonl, base weights; descriptive)",
               "", *diagnostics(out, res)]
     lines += ["", "## CPU time of every stage", "", "Measured in this process (`time.process_time`, all threads) and "

@@ -41,6 +41,25 @@ def test_pairs_match_runs_by_seed_and_a_single_model_with_every_run():
     assert same == (0.0, 0.0, 0.0)
 
 
+def test_a_looping_answer_is_told_from_a_plain_one():
+    assert real_base.repeats("The answer is the library.\n\nThe answer is the library.\n\nThe answer is the")
+    assert real_base.repeats("The answer is: the library.\n\nThe answer is the\n\nThe answer is,")  # punctuation
+    assert not real_base.repeats("The answer is the library. The answer is the library.")  # twice is not a loop
+    assert not real_base.repeats("The library.") and not real_base.repeats("")
+
+
+def test_training_logs_show_the_spikes_and_the_inner_losses_trend(tmp_path):
+    run = tmp_path / "train" / "focusft-s0"
+    run.mkdir(parents=True)
+    rows = [{"step": 0, "attn_base": {"sink_mass": 0.1, "context_engagement": 0.5}}]
+    rows += [{"step": i, "loss": [0.5, 0.4, 0.3, 9.0, 0.2, 3.0][i - 1], "inner_first": float(i)} for i in range(1, 7)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert real_base.thirds([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == "1.50 → 3.50 → 5.50"
+    assert real_base.thirds([1.0]) == "-"
+    table = real_base.training_logs(tmp_path, {"runs": {"base": ["base"], "focusft": ["focusft-s0"]}})
+    assert table[2:] == ["| focusft-s0 | 6 | 0.45 → 4.65 → 1.60 | 2 | 9.0 (4) | 1.50 → 3.50 → 5.50 |"]
+
+
 def test_training_data_leaves_out_the_evaluations_stories(tiny, tmp_path, monkeypatch):
     plan = real_base.PLANS["quick"]
     count = lambda text: len(tiny.tokenizer.encode(text).ids)  # noqa: E731
@@ -109,6 +128,8 @@ def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys)
     assert {"data", "budget", "train/sft-s0", "eval/base/0k/qa1", "eval/focusft-s0/1k/qa1"} <= set(times)
     report = (out / "report.md").read_text()
     assert "Status: complete." in report and "## Primary endpoint" in report and "## The paper's claims" in report
+    assert "| focusft-s0 | 2 |" in report  # its training log: 2 steps (the quick plan's)
+    assert "Answers that loop" in report
     try:
         import matplotlib  # noqa: F401
         assert all((out / "figures" / f).is_file() for f in ("accuracy.png", "effects.png"))
