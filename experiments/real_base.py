@@ -617,7 +617,7 @@ def figures(res: dict, plan: Plan, fig_dir: Path) -> list[str]:
         for k, (label, (y, below, above)) in enumerate(series.items()):
             shift = (k - (len(series) - 1) / 2) * 0.05  # side by side, so the bars do not hide each other
             ax.errorbar([i + shift for i in range(len(y))], y, yerr=[below, above], marker="o", capsize=3,
-                        label=label)
+                        label=label, color=f"C{list(LABELS.values()).index(label)}")  # one colour per variant
         ax.axhline(0, color="grey", lw=1, ls=":")
         ax.set_xticks(range(len(plan.lengths)), plan.lengths)
         ax.set(xlabel="context length", ylabel=ylabel, title=title)
