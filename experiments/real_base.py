@@ -518,14 +518,14 @@ def claims(res: dict, plan: Plan) -> list[tuple[str, str, str]]:
     return rows
 
 
-def wrong_answers(outputs: dict, correct: dict, res: dict, plan: Plan, top: int = 5) -> list[str]:
-    """The commonest wrong answers per variant at the primary lengths, and how they split into kinds."""
+def wrong_answers(outputs: dict, correct: dict, res: dict, lengths: tuple[str, ...], top: int = 5) -> list[str]:
+    """The commonest wrong answers per variant at these lengths, and how they split into kinds."""
     lines = []
     for v, rs in res["runs"].items():
         kinds, texts = Counter(), Counter()
         for r in rs:
             for cell, rows in outputs[r].items():
-                if cell[1] not in plan.primary:
+                if cell[1] not in lengths:
                     continue
                 for row, ok in zip(rows, correct[r][cell], strict=True):
                     if ok:
@@ -542,7 +542,7 @@ def wrong_answers(outputs: dict, correct: dict, res: dict, plan: Plan, top: int 
         common = "; ".join(f"`{t or '(empty)'}` x{n}" for t, n in texts.most_common(top))
         lines.append(f"| {LABELS[v]} | {total} | {split} | {common.replace('|', '/')} |")
     return (["| variant | wrong | kinds | commonest (first 60 characters) |", "| --- | --- | --- | --- |", *lines]
-            if lines else ["No wrong answers at the primary lengths yet."])
+            if lines else ["No wrong answers at these lengths yet."])
 
 
 def repeats(text: str, times: int = 3) -> bool:
@@ -685,9 +685,13 @@ def write_report(out: Path, plan: Plan, argv: list[str], times: dict, log) -> di
             lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims", "", "| claim | at this scale | why |", "| --- | --- | --- |"]
     lines += [f"| {c} | {v} | {why} |" for c, v, why in claims(res, plan)]
-    lines += ["", f"## Wrong answers at {', '.join(plan.primary)}", "", *wrong_answers(outputs, correct, res, plan)]
+    lines += ["", f"## Wrong answers at {', '.join(plan.primary)}", "",
+              *wrong_answers(outputs, correct, res, plan.primary)]
     lines += ["", f"Answers that loop (a three-word phrase three or more times), right or wrong, at "
               f"{', '.join(plan.primary)}:", "", *looping(outputs, res, plan)]
+    if plan.lengths[0] not in plan.primary:  # the shortest length: the sanity row, where the base model reads
+        lines += ["", f"Wrong answers at {plan.lengths[0]} (descriptive):", "",
+                  *wrong_answers(outputs, correct, res, plan.lengths[:1])]
     lines += ["", "## Training (focusft.py's metrics.jsonl; descriptive)", "", *training_logs(out, res)]
     lines += ["", "## Attention diagnostics during training (focusft.py's metrics.jsonl, base weights; descriptive)",
               "", *diagnostics(out, res)]

@@ -129,7 +129,7 @@ def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys)
     report = (out / "report.md").read_text()
     assert "Status: complete." in report and "## Primary endpoint" in report and "## The paper's claims" in report
     assert "| focusft-s0 | 2 |" in report  # its training log: 2 steps (the quick plan's)
-    assert "Answers that loop" in report
+    assert "Answers that loop" in report and "Wrong answers at 0k" in report
     try:
         import matplotlib  # noqa: F401
         assert all((out / "figures" / f).is_file() for f in ("accuracy.png", "effects.png"))
