@@ -452,7 +452,12 @@ def analyse(correct: dict, plan: Plan) -> dict:
     if "focusft" in runs:
         res["primary"] = {"seeds": {"focusft": len(runs["focusft"]), "sft": len(runs["sft"])},
                           "bootstrap": res["versus_sft"]["focusft"]["beyond_mean"],
-                          "mcnemar": res["versus_sft"]["focusft"]["beyond"]}
+                          "mcnemar": res["versus_sft"]["focusft"]["beyond"],
+                          "per_seed": {}}  # descriptive: how much the seeds differ
+        sft_of = {r.rsplit("-s", 1)[1]: r for r in runs["sft"]}
+        for r in runs["focusft"]:
+            if (seed := r.rsplit("-s", 1)[1]) in sft_of:
+                res["primary"]["per_seed"][seed] = compare(correct, [r], [sft_of[seed]], beyond)
     return res
 
 
@@ -673,7 +678,10 @@ def write_report(out: Path, plan: Plan, argv: list[str], times: dict, log) -> di
                   f"({plan.bootstrap} resamples of the samples within each task and length). Seed-matched pairs: "
                   f"{m['pairs']}, FocuSFT alone right {m['only_first']}, SFT alone right {m['only_second']}, exact "
                   f"McNemar p = {m['p_mcnemar']:.3g}, Newcombe {100 * m['diff']:+.1f} [{100 * m['lo']:+.1f}, "
-                  f"{100 * m['hi']:+.1f}]."]
+                  f"{100 * m['hi']:+.1f}].", "",
+                  "Per seed (descriptive): " + "; ".join(
+                      f"seed {k} {100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] "
+                      f"p={c['p_mcnemar']:.2g}" for k, c in res["primary"]["per_seed"].items()) + "."]
     if res["versus_sft"]:
         lines += ["", "## Paired comparisons to Standard SFT, points [95% Newcombe], exact McNemar p", "",
                   "Same samples; runs matched by seed, a single model against every run of the other side.", "",

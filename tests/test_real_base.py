@@ -117,6 +117,7 @@ def test_quick_runs_every_stage_and_a_rerun_does_nothing(tiny, tmp_path, capsys)
     assert result["missing"] == []
     assert set(result["runs"]) == {"base", *replicate.VARIANTS}
     assert result["primary"]["mcnemar"]["pairs"] == len(real_base.PLANS["quick"].primary) * 2
+    assert result["primary"]["per_seed"]["0"] == result["primary"]["mcnemar"]  # one seed: the pooled comparison
     assert [c[0] for c in result["claims"]][:4] == [
         "FocuSFT beats Standard SFT beyond its training length (+9.6 to +14.2 points at 4K-32K)",
         "Standard SFT barely moves the base model", "SFT + Bidir alone hurts",
