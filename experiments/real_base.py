@@ -18,7 +18,8 @@ task at one length, starts over):
           base model included);
   report  report.md, results.json and figures/: accuracy with Wilson intervals, paired comparisons to Standard
           SFT (exact McNemar test, Newcombe's paired interval, a paired bootstrap for the primary endpoint), the
-          wrong answers, every stage's CPU time, and the paper's claims row by row.
+          paper's claims row by row, and descriptive tables: the wrong answers, the answers that loop, the
+          training logs, the attention diagnostics and every stage's CPU time.
 """
 
 from __future__ import annotations
@@ -671,9 +672,12 @@ def write_report(out: Path, plan: Plan, argv: list[str], times: dict, log) -> di
     if res["primary"]:
         d, lo, hi = res["primary"]["bootstrap"]
         m = res["primary"]["mcnemar"]
+        mean = {v: statistics.fmean(c / n for c, n in (res["accuracy"][v][f"mean/{x}"] for x in plan.primary))
+                for v in ("focusft", "sft")}
         lines += ["", "## Primary endpoint", "",
                   f"Mean accuracy over {', '.join(plan.tasks)} at {', '.join(plan.primary)}, FocuSFT minus Standard "
-                  f"SFT ({res['primary']['seeds']['focusft']} and {res['primary']['seeds']['sft']} seeds): "
+                  f"SFT ({res['primary']['seeds']['focusft']} and {res['primary']['seeds']['sft']} seeds, "
+                  f"{100 * mean['focusft']:.1f}% and {100 * mean['sft']:.1f}%): "
                   f"**{100 * d:+.1f} points**, 95% paired bootstrap interval [{100 * lo:+.1f}, {100 * hi:+.1f}] "
                   f"({plan.bootstrap} resamples of the samples within each task and length). Seed-matched pairs: "
                   f"{m['pairs']}, FocuSFT alone right {m['only_first']}, SFT alone right {m['only_second']}, exact "
