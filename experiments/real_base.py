@@ -109,6 +109,10 @@ def variant_of(model: str) -> str:
     return model if model == "base" else model.rsplit("-s", 1)[0]
 
 
+def seed_of(model: str) -> int:
+    return int(model.rsplit("-s", 1)[1])
+
+
 def samples_of(plan: Plan, model: str, length: str) -> int:
     """Answers per task of a model at a length: the full count only where the primary endpoint needs it (sample i
     depends only on i, so the side evaluations hold the first samples of the primary ones: the same samples)."""
@@ -151,8 +155,7 @@ def pairs(correct: dict, first: list[str], second: list[str], cells: list[tuple[
     if len(first) == 1 or len(second) == 1:
         matched = [(x, y) for x in first for y in second]
     else:
-        seed = lambda m: m.rsplit("-s", 1)[1]  # noqa: E731
-        matched = [(x, y) for x in first for y in second if seed(x) == seed(y)]
+        matched = [(x, y) for x in first for y in second if seed_of(x) == seed_of(y)]
     n = {cell: common(correct, first + second, cell) for cell in cells}
     return [(r1, r2) for x, y in matched for cell in cells
             for r1, r2 in zip(correct[x][cell][:n[cell]], correct[y][cell][:n[cell]], strict=True)]
@@ -274,7 +277,7 @@ def train(out: Path, plan: Plan, base: Path, model: str, device: str, log) -> bo
     run = out / "train" / model
     if (run / "final" / "config.json").is_file():
         return False
-    variant, seed = variant_of(model), int(model.rsplit("-s", 1)[1])
+    variant, seed = variant_of(model), seed_of(model)
     replicate.call("focusft.py", focusft.main, train_argv(out, plan, base, variant, seed, run, device, plan.steps), log)
     if not (run / "final" / "config.json").is_file():  # stopped by a signal: focusft.py saved a checkpoint
         raise KeyboardInterrupt
@@ -442,12 +445,12 @@ def analyse(correct: dict, plan: Plan) -> dict:
         res["per_run"].update({r: {n: counts([r], plan.tasks, n) for n in plan.lengths} for r in rs})
     if "sft" not in runs:
         return res
+    beyond = [(t, n) for t in plan.tasks for n in plan.primary]
     for v, rs in runs.items():
         if v == "sft":
             continue
         res["versus_sft"][v] = {length: compare(correct, rs, runs["sft"], [(t, length) for t in plan.tasks])
                                 for length in plan.lengths}
-        beyond = [(t, n) for t in plan.tasks for n in plan.primary]
         res["versus_sft"][v]["beyond"] = compare(correct, rs, runs["sft"], beyond)
         res["versus_sft"][v]["beyond_mean"] = bootstrap_diff(correct, rs, runs["sft"], beyond, plan.bootstrap)
     if "focusft" in runs:
@@ -455,10 +458,10 @@ def analyse(correct: dict, plan: Plan) -> dict:
                           "bootstrap": res["versus_sft"]["focusft"]["beyond_mean"],
                           "mcnemar": res["versus_sft"]["focusft"]["beyond"],
                           "per_seed": {}}  # descriptive: how much the seeds differ
-        sft_of = {r.rsplit("-s", 1)[1]: r for r in runs["sft"]}
+        sft_of = {seed_of(r): r for r in runs["sft"]}
         for r in runs["focusft"]:
-            if (seed := r.rsplit("-s", 1)[1]) in sft_of:
-                res["primary"]["per_seed"][seed] = compare(correct, [r], [sft_of[seed]], beyond)
+            if (seed := seed_of(r)) in sft_of:
+                res["primary"]["per_seed"][str(seed)] = compare(correct, [r], [sft_of[seed]], beyond)
     return res
 
 
